@@ -1,0 +1,1 @@
+"""StelLA adapters for diffusers, peft and transformers."""
