@@ -1,0 +1,296 @@
+"""StelLA on diffusers pipelines: target presets, the LoRA export that stock diffusers loads, native checkpoints.
+
+The export (spec §4) is a plain rank-r LoRA: ``lora_A = Vt`` and ``lora_B = s · U S`` (alpha = r, scale 1),
+so ``pipe.load_lora_weights(dir)``, ``fuse_lora``, ``set_adapters`` and ``unload_lora_weights`` work on it
+without this package. The native checkpoint keeps U, S, V and the config, so training can resume.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .tuner import StellaConfig, StellaLayer
+from .tuner.layer import Conv2d as StellaConv2d
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+NATIVE_WEIGHT_NAME = "stella_adapter.safetensors"
+_NATIVE_FORMAT = "stella-diffusion/1"
+
+# Components of a pipeline that can carry adapters, in the order diffusers' savers name them.
+ADAPTABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+_ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
+_JOINT_ATTENTION = _ATTENTION + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+# Attention projections per model class (spec §5: q/k/v/out of every self- and cross-attention).
+TARGET_PRESETS: dict[str, list[str]] = {
+    "UNet2DConditionModel": _ATTENTION,  # SD 1.x / 2.x / SDXL
+    "SD3Transformer2DModel": _JOINT_ATTENTION,
+    "FluxTransformer2DModel": _JOINT_ATTENTION,
+    "PixArtTransformer2DModel": _ATTENTION,
+    "SanaTransformer2DModel": _ATTENTION,
+    "CLIPTextModel": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "CLIPTextModelWithProjection": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "T5EncoderModel": ["q", "k", "v", "o"],
+}
+
+
+def default_target_modules(model: nn.Module) -> list[str]:
+    """The preset for ``model``'s class; only projections that exist in this model are kept."""
+    name = type(model).__name__
+    if name not in TARGET_PRESETS:
+        raise ValueError(f"No StelLA target preset for {name}; pass `target_modules` explicitly.")
+    present = {n for n, _ in model.named_modules()}
+    return [t for t in TARGET_PRESETS[name] if any(n == t or n.endswith("." + t) for n in present)]
+
+
+def add_stella_adapter(
+    model: nn.Module, config: StellaConfig | None = None, adapter_name: str = "default", **config_kwargs: Any
+) -> StellaConfig:
+    """Add a StelLA adapter through the model's own ``add_adapter`` (diffusers / transformers PEFT mixins).
+
+    Without ``target_modules`` the class preset is used. Returns the config actually used.
+    """
+    if config is None:
+        config = StellaConfig(**config_kwargs)
+    elif config_kwargs:
+        raise TypeError("Pass either a StellaConfig or keyword arguments, not both.")
+    if config.target_modules is None:
+        config.target_modules = default_target_modules(model)
+    model.add_adapter(config, adapter_name=adapter_name)
+    return config
+
+
+def _stella_modules(model: nn.Module) -> dict[str, StellaLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, StellaLayer)}
+
+
+def _as_conv(weight: torch.Tensor, layer: StellaLayer) -> torch.Tensor:
+    # peft's LoRA Conv2d stores 1x1 kernels; diffusers reads the rank from lora_B either way
+    return weight[:, :, None, None] if isinstance(layer, StellaConv2d) else weight
+
+
+@torch.no_grad()
+def stella_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The exact LoRA factors of every StelLA layer of ``model`` (peft key names, no component prefix).
+
+    ``lora_A = Vt`` and ``lora_B = s · U S``; with a function-preserving start the export is the exact
+    ``ΔW − ΔW₀`` of rank ≤ 2r: ``lora_A = [Vt; Vt₀]``, ``lora_B = [s U S, −s U₀ S₀]``.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for name, layer in _stella_modules(model).items():
+        if adapter_name not in layer.stella_U:
+            continue
+        s = layer.scaling[adapter_name]
+        a = layer.stella_Vt[adapter_name].float()
+        b = s * _times_s(layer.stella_U[adapter_name].float(), layer.stella_S[adapter_name].float())
+        if adapter_name in layer.stella_U0:
+            a = torch.cat([a, layer.stella_Vt0[adapter_name].float()], dim=0)
+            b0 = s * _times_s(layer.stella_U0[adapter_name].float(), layer.stella_S0[adapter_name].float())
+            b = torch.cat([b, -b0], dim=1)
+        state[f"{name}.lora_A.weight"] = _as_conv(a, layer).contiguous()
+        state[f"{name}.lora_B.weight"] = _as_conv(b, layer).contiguous()
+    return state
+
+
+def _times_s(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    return u * s if s.ndim == 1 else u @ s
+
+
+def _lora_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """`LoraConfig` kwargs that make the scale exactly 1 (alpha = rank for every module).
+
+    Written even though the scale is already baked into ``lora_B``, because consumers that ignore it assume
+    alpha = r, and diffusers builds its `LoraConfig` from it.
+    """
+    ranks = {k.removesuffix(".lora_B.weight"): v.shape[1] for k, v in state.items() if k.endswith(".lora_B.weight")}
+    common = max(set(ranks.values()), key=list(ranks.values()).count)
+    others = {name: r for name, r in ranks.items() if r != common}
+    return {
+        "r": common,
+        "lora_alpha": common,
+        "target_modules": sorted(ranks),
+        "rank_pattern": others,
+        "alpha_pattern": dict(others),
+    }
+
+
+def save_lora_export(
+    output_dir: str | Path,
+    pipeline_cls: type,
+    components: Mapping[str, nn.Module],
+    adapter_name: str = "default",
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with the keys and metadata ``pipeline_cls`` loads.
+
+    ``components`` maps pipeline component names (``unet``, ``transformer``, ``text_encoder``, ...) to models
+    that carry StelLA adapters; saving goes through the pipeline class's own ``save_lora_weights``.
+    """
+    saver = getattr(pipeline_cls, "save_lora_weights", None)
+    if saver is None:
+        raise ValueError(
+            f"{pipeline_cls.__name__} has no LoRA loader in diffusers, so no export of it can be loaded with "
+            "`load_lora_weights` (PixArt is such a pipeline: use Sana, SD3 or Flux). Save the native StelLA "
+            "checkpoint with `save_stella_checkpoint` instead."
+        )
+    accepted = inspect.signature(saver).parameters
+    kwargs: dict[str, Any] = {}
+    for component, model in components.items():
+        state = stella_lora_state_dict(model, adapter_name)
+        if not state:
+            continue
+        if f"{component}_lora_layers" not in accepted:
+            raise ValueError(f"{pipeline_cls.__name__}.save_lora_weights cannot save adapters of `{component}`.")
+        kwargs[f"{component}_lora_layers"] = state
+        if f"{component}_lora_adapter_metadata" in accepted:
+            kwargs[f"{component}_lora_adapter_metadata"] = _lora_metadata(state)
+    if not kwargs:
+        raise ValueError(f"No StelLA adapter named {adapter_name!r} found in the given components.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    saver(output_dir, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs)
+    return output_dir / LORA_WEIGHT_NAME
+
+
+def _config_for_file(config: StellaConfig) -> dict[str, Any]:
+    data = config.to_dict()
+    for key in ("target_modules", "exclude_modules"):
+        if isinstance(data.get(key), set):
+            data[key] = sorted(data[key])
+    data["peft_type"] = str(data["peft_type"].value if hasattr(data["peft_type"], "value") else data["peft_type"])
+    return data
+
+
+def save_stella_checkpoint(
+    output_dir: str | Path, components: Mapping[str, nn.Module], adapter_name: str = "default"
+) -> Path:
+    """Save U, S, V (and the frozen start, if any) of every component plus their configs in one safetensors file.
+
+    Keys are ``{component}.{module path}.stella_{U,S,Vt,U0,S0,Vt0}``; the configs travel in the header, so a
+    checkpoint is one file that either loads whole or fails with a clear error.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    configs: dict[str, Any] = {}
+    for component, model in components.items():
+        modules = {n: m for n, m in _stella_modules(model).items() if adapter_name in m.stella_U}
+        if not modules:
+            continue
+        configs[component] = _config_for_file(model.peft_config[adapter_name])
+        for name, layer in modules.items():
+            for attr in StellaLayer.adapter_layer_names + ("stella_U0", "stella_S0", "stella_Vt0"):
+                store = getattr(layer, attr)
+                if adapter_name in store:
+                    tensors[f"{component}.{name}.{attr}"] = store[adapter_name].detach().float().contiguous().cpu()
+    if not tensors:
+        raise ValueError(f"No StelLA adapter named {adapter_name!r} found in the given components.")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / NATIVE_WEIGHT_NAME
+    save_file(tensors, path, metadata={"format": _NATIVE_FORMAT, "stella_configs": json.dumps(configs)})
+    return path
+
+
+def _read_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    file = path / NATIVE_WEIGHT_NAME if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"No StelLA checkpoint at {path}: expected the file {file}.")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            header = handle.metadata() or {}
+        tensors = load_file(file)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{file} is not a readable StelLA checkpoint (corrupt or truncated file): {err}") from err
+    if header.get("format") != _NATIVE_FORMAT or "stella_configs" not in header:
+        raise ValueError(
+            f"{file} is not a StelLA checkpoint (no '{_NATIVE_FORMAT}' header); a LoRA export is loaded with "
+            "`pipe.load_lora_weights` instead."
+        )
+    return tensors, json.loads(header["stella_configs"])
+
+
+def load_stella_checkpoint(
+    path: str | Path, components: Mapping[str, nn.Module], adapter_name: str = "default"
+) -> dict[str, StellaConfig]:
+    """Load a native checkpoint into ``components`` as trainable StelLA adapters (adding them if absent).
+
+    Raises one clear error for a missing or corrupt file, a component the checkpoint does not match, another
+    target set or another rank; nothing is written into the models before every check has passed.
+    """
+    tensors, configs = _read_native(Path(path))
+    missing = sorted(set(configs) - set(components))
+    if missing:
+        raise ValueError(f"The checkpoint has adapters for {missing}, which were not given.")
+    plans: list[tuple[nn.Module, str, StellaConfig]] = []
+    for component, raw in configs.items():
+        model = components[component]
+        config = StellaConfig(**{k: v for k, v in raw.items() if k not in ("peft_type", "peft_version")})
+        layers = _stella_modules(model)
+        if any(adapter_name in m.stella_U for m in layers.values()):
+            _check_compatible(component, tensors, layers, adapter_name)
+        plans.append((model, component, config))
+    for model, component, config in plans:
+        if not any(adapter_name in m.stella_U for m in _stella_modules(model).values()):
+            model.add_adapter(config, adapter_name=adapter_name)
+            _check_compatible(component, tensors, _stella_modules(model), adapter_name)
+        _copy_factors(component, tensors, _stella_modules(model), adapter_name)
+    return {component: config for _, component, config in plans}
+
+
+def _check_compatible(
+    component: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, StellaLayer], adapter_name: str
+) -> None:
+    prefix = f"{component}."
+    saved = {k[len(prefix):].rsplit(".", 1)[0] for k in tensors if k.startswith(prefix)}
+    present = {n for n, m in layers.items() if adapter_name in m.stella_U}
+    if saved != present:
+        raise ValueError(
+            f"The checkpoint's `{component}` adapter targets other modules than the model's: only in the checkpoint "
+            f"{sorted(saved - present)[:5]}, only in the model {sorted(present - saved)[:5]}."
+        )
+    for name in sorted(present):
+        layer = layers[name]
+        for attr in StellaLayer.adapter_layer_names:
+            expected = tuple(getattr(layer, attr)[adapter_name].shape)
+            got = tuple(tensors[f"{prefix}{name}.{attr}"].shape)
+            if got != expected:
+                saved_rank = got[-1] if attr == "stella_U" else got[0]
+                raise ValueError(
+                    f"Shape mismatch for `{component}.{name}.{attr}`: checkpoint {got}, model {expected} "
+                    f"(checkpoint rank {saved_rank}, model rank {layer.r[adapter_name]})."
+                )
+
+
+@torch.no_grad()
+def _copy_factors(
+    component: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, StellaLayer], adapter_name: str
+) -> None:
+    for name, layer in layers.items():
+        for attr in StellaLayer.adapter_layer_names:
+            target = getattr(layer, attr)[adapter_name]
+            target.copy_(tensors[f"{component}.{name}.{attr}"])
+        for attr in ("stella_U0", "stella_S0", "stella_Vt0"):
+            key = f"{component}.{name}.{attr}"
+            if key in tensors:
+                ref = layer.stella_U[adapter_name]
+                getattr(layer, attr)[adapter_name] = tensors[key].to(ref.device, ref.dtype)
+
+
+def pipeline_components(pipe: Any) -> dict[str, nn.Module]:
+    """The adaptable components a pipeline has (``unet`` / ``transformer`` and its text encoders)."""
+    return {name: getattr(pipe, name) for name in ADAPTABLE_COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def load_stella_into_pipeline(pipe: Any, path: str | Path, adapter_name: str = "default") -> dict[str, StellaConfig]:
+    """Put a native StelLA checkpoint into a loaded pipeline as live StelLA layers (e.g. for generation)."""
+    return load_stella_checkpoint(path, pipeline_components(pipe), adapter_name)
