@@ -1,0 +1,485 @@
+#!/usr/bin/env python
+"""DreamBooth and captioned fine-tuning of a diffusers pipeline with StelLA, in the shape of diffusers'
+``examples/dreambooth/train_dreambooth_lora.py``: same flags, ``accelerate launch`` for one or many GPUs, same
+outputs. ``--adapter lora|dora|pissa`` trains peft's baselines through the same script, for comparisons.
+
+    accelerate launch train_dreambooth_stella.py \\
+      --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \\
+      --instance_data_dir dog --instance_prompt "a photo of sks dog" --output_dir stella-dog \\
+      --resolution 512 --train_batch_size 1 --learning_rate 8e-4 --max_train_steps 500 --seed 0
+    python train_dreambooth_stella.py --config configs/sd15-style-stella.yaml --instance_data_dir style/
+
+SD 1.x/2.x and SDXL (UNet, DDPM loss) and SD3 and Flux (transformer, flow matching) are told apart by the model
+folder's ``model_index.json``. The helpers live in ``stella_diffusion.training``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+import sys
+from functools import partial
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers.optimization import get_scheduler
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from stella_diffusion.manifold import RETRACTIONS
+from stella_diffusion.training import (
+    ADAPTERS,
+    DENOISER,
+    HISTORY_NAME,
+    PLOT_NAME,
+    TEXT_ENCODERS,
+    TRAINABLE_TEXT_ENCODERS,
+    AdapterSpec,
+    DreamBoothDataset,
+    EpochShuffleSampler,
+    LossSettings,
+    PromptEncoder,
+    TrainingError,
+    TrainingHistory,
+    bool_or_float,
+    cast_frozen_parameters,
+    check_args,
+    check_finite_loss,
+    check_resume_compatible,
+    checkpoint_step,
+    collate_fn,
+    derived_seed,
+    dreambooth_records,
+    encode_latents,
+    flow_matching_loss,
+    generate_class_images,
+    image_grid,
+    is_captioned,
+    parse_args_with_config,
+    pipeline_family,
+    plot_training_curves,
+    prior_preservation_loss,
+    prune_checkpoints,
+    resolve_checkpoint,
+    sdxl_time_ids,
+    step_rng,
+    training_records,
+    unet_loss,
+    write_model_card,
+)
+from stella_diffusion.tuner.config import INIT_METHODS
+
+logger = get_logger(__name__)
+
+
+def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
+    """diffusers' flags (same names and meanings), StelLA's, and ``--config FILE.yaml`` for defaults."""
+    parser = argparse.ArgumentParser(description="DreamBooth / captioned fine-tuning with StelLA (or peft LoRA).")
+    flag = parser.add_argument
+    switch = partial(parser.add_argument, action=argparse.BooleanOptionalAction, default=False)
+    flag("--config", type=str, default=None,
+         help="YAML file of flag values (keys = flag names); flags given on the command line override it.")
+    # model
+    flag("--pretrained_model_name_or_path", type=str, default=None,
+         help="Path to a diffusers pipeline folder or a model id on huggingface.co (SD 1.x/2.x, SDXL, SD3, Flux).")
+    flag("--revision", type=str, default=None, help="Revision of the pretrained model on huggingface.co.")
+    flag("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    # data
+    flag("--instance_data_dir", type=str, default=None,
+         help="Folder of instance images (DreamBooth) or an image folder with metadata.jsonl (captioned).")
+    flag("--instance_prompt", type=str, default=None,
+         help="The prompt with the identifier of the instance, e.g. 'a photo of sks dog' (DreamBooth mode).")
+    flag("--caption_column", type=str, default=None,
+         help="Captioned mode: the metadata.jsonl column that holds each image's caption (default 'text' when the "
+              "folder has a metadata.jsonl and no --instance_prompt is given).")
+    flag("--class_data_dir", type=str, default=None, help="Folder of class images for prior preservation.")
+    flag("--class_prompt", type=str, default=None, help="The prompt of the class images.")
+    switch("--with_prior_preservation", help="Add the prior preservation loss on class images.")
+    flag("--prior_loss_weight", type=float, default=1.0, help="The weight of the prior preservation loss.")
+    flag("--num_class_images", type=int, default=100,
+         help="Minimal number of class images; missing ones are generated with the base model and --class_prompt.")
+    flag("--prior_generation_precision", type=str, default=None, choices=["no", "fp32", "fp16", "bf16"],
+         help="Precision of class-image generation (default fp16 on a GPU, else fp32).")
+    flag("--sample_batch_size", type=int, default=4, help="Batch size (per device) for generating class images.")
+    flag("--resolution", type=int, default=512, help="Training resolution: images are resized and cropped to it.")
+    switch("--center_crop", help="Center crop to the resolution (default: random crop).")
+    switch("--random_flip", help="Randomly flip images horizontally.")
+    flag("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: the main process).")
+    # validation
+    flag("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
+    flag("--num_validation_images", type=int, default=4, help="Number of validation images per validation.")
+    flag("--validation_epochs", type=int, default=50, help="Run validation every X epochs.")
+    flag("--num_inference_steps", type=int, default=None,
+         help="Denoising steps for validation and class images (default: the pipeline's).")
+    # adapter
+    flag("--adapter", type=str, default="stella", choices=ADAPTERS,
+         help="stella, or a peft baseline (lora, dora, pissa) trained the same way for comparisons.")
+    flag("--rank", type=int, default=4, help="The rank of the adapter.")
+    flag("--lora_alpha", type=float, default=None, help="The scale numerator: scale = alpha / rank (default: rank).")
+    flag("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter's input.")
+    flag("--lora_layers", type=str, default=None,
+         help="Comma-separated denoiser modules to adapt, e.g. 'to_q,to_k,to_v,to_out.0' (default: the attention "
+              "projections of the model class, stella_diffusion.pipelines.TARGET_PRESETS).")
+    switch("--train_text_encoder", help="Also adapt the CLIP text encoder(s).")
+    flag("--stella_retraction", type=str, default="polar", choices=RETRACTIONS,
+         help="StelLA: the retraction that keeps U and V orthonormal.")
+    flag("--stella_init", type=str, default="orthonormal", choices=INIT_METHODS,
+         help="StelLA: random orthonormal U, V (the paper's default) or the top / bottom singular vectors of W.")
+    switch("--stella_diag_s", help="StelLA: a diagonal S (r values) instead of a full r x r matrix.")
+    flag("--stella_grad_scaling", type=bool_or_float, default=True,
+         help="StelLA: divide U/V steps by sqrt(n / c); true: c = hidden size, a number: c, false: off.")
+    # loss
+    flag("--snr_gamma", type=float, default=None,
+         help="UNet pipelines: min-SNR weighting gamma (5.0 is recommended); off by default.")
+    flag("--noise_offset", type=float, default=0.0, help="UNet pipelines: the scale of the noise offset.")
+    flag("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"],
+         help="UNet pipelines: the training target (default: the scheduler's).")
+    flag("--weighting_scheme", type=str, default="none",
+         choices=["sigma_sqrt", "logit_normal", "mode", "cosmap", "none"],
+         help="SD3 / Flux: timestep density and loss weighting of flow matching.")
+    flag("--logit_mean", type=float, default=0.0, help="SD3 / Flux: mean of the logit_normal scheme.")
+    flag("--logit_std", type=float, default=1.0, help="SD3 / Flux: std of the logit_normal scheme.")
+    flag("--mode_scale", type=float, default=1.29, help="SD3 / Flux: scale of the mode scheme.")
+    flag("--guidance_scale", type=float, default=3.5, help="Flux: the guidance embedding value during training.")
+    flag("--max_sequence_length", type=int, default=None,
+         help="SD3 / Flux: T5 prompt length (default: the pipeline's, 256 / 512).")
+    # optimisation
+    flag("--output_dir", type=str, default="stella-dreambooth-model",
+         help="Where checkpoints, the exported LoRA, logs, images and the model card are written.")
+    flag("--seed", type=int, default=None, help="A seed for reproducible training.")
+    flag("--train_batch_size", type=int, default=4, help="Batch size (per device) for training.")
+    flag("--num_train_epochs", type=int, default=1)
+    flag("--max_train_steps", type=int, default=None,
+         help="Total number of optimizer steps; overrides --num_train_epochs.")
+    flag("--checkpointing_steps", type=int, default=500,
+         help="Save a resumable checkpoint (accelerator.save_state) every X steps.")
+    flag("--checkpoints_total_limit", type=int, default=None, help="Max number of checkpoints to keep.")
+    flag("--resume_from_checkpoint", type=str, default=None,
+         help="A checkpoint folder (or its name in --output_dir), or 'latest'.")
+    flag("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    switch("--gradient_checkpointing", help="Trade compute for memory in the backward pass.")
+    flag("--learning_rate", type=float, default=5e-4, help="Learning rate after warm-up (the paper: 8e-4 for StelLA).")
+    switch("--scale_lr", help="Multiply the learning rate by GPUs x accumulation steps x batch size.")
+    flag("--lr_scheduler", type=str, default="constant",
+         choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"])
+    flag("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
+    flag("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
+    flag("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
+    switch("--use_8bit_adam", help="Use bitsandbytes' 8-bit AdamW.")
+    flag("--adam_beta1", type=float, default=0.9)
+    flag("--adam_beta2", type=float, default=0.999)
+    flag("--adam_weight_decay", type=float, default=1e-2, help="Weight decay (never applied to StelLA's U and V).")
+    flag("--adam_epsilon", type=float, default=1e-08)
+    flag("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    # system
+    flag("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
+    flag("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml, all or none.")
+    flag("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+         help="Overrides the accelerate config; trainable parameters stay float32 in every case.")
+    switch("--allow_tf32", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    switch("--enable_xformers_memory_efficient_attention", help="Use xformers attention in the denoiser.")
+    return parse_args_with_config(parser, input_args)
+
+
+def log_validation(
+    pipeline: DiffusionPipeline, args: argparse.Namespace, accelerator: Accelerator, step: int, phase: str
+) -> list[Image.Image]:
+    """Generate ``--num_validation_images``, save them as one PNG grid and log them to the trackers."""
+    logger.info(f"Running {phase}: {args.num_validation_images} images of {args.validation_prompt!r}.")
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    kwargs = {"height": args.resolution, "width": args.resolution}
+    if args.num_inference_steps is not None:
+        kwargs["num_inference_steps"] = args.num_inference_steps
+    with torch.no_grad(), accelerator.autocast():
+        images = [pipeline(args.validation_prompt, generator=generator, **kwargs).images[0]
+                  for _ in range(args.num_validation_images)]
+    folder = Path(args.output_dir, "validation")
+    folder.mkdir(parents=True, exist_ok=True)
+    image_grid(images).save(folder / f"{phase}-step-{step:06d}.png")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(phase, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
+    return images
+
+
+def main(args: argparse.Namespace) -> None:
+    # Every input check runs before anything heavy, so bad input fails in a second with one line.
+    check_args(args)
+    family = pipeline_family(args.pretrained_model_name_or_path, args.revision)
+    if family == "flux" and args.resolution % 16:
+        raise TrainingError(f"--resolution must be a multiple of 16 for Flux, got {args.resolution}.")
+    instance_records = training_records(args)
+    spec = AdapterSpec.from_args(args)
+    resume_dir = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if resume_dir is not None:
+        check_resume_compatible(resume_dir, spec)
+    if args.seed is None:
+        args.seed = random.randrange(2**31)
+
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir,
+                                            logging_dir=str(Path(args.output_dir, args.logging_dir))),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+                        datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
+    logger.info(accelerator.state, main_process_only=False)
+    if accelerator.is_local_main_process:
+        transformers.utils.logging.set_verbosity_warning()
+        diffusers.utils.logging.set_verbosity_warning()
+    else:
+        transformers.utils.logging.set_verbosity_error()
+        diffusers.utils.logging.set_verbosity_error()
+    set_seed(args.seed)
+    load_kwargs = {"revision": args.revision, "variant": args.variant}
+    if family == "sd":
+        load_kwargs["safety_checker"] = None
+    generation_kwargs = {"height": args.resolution, "width": args.resolution}
+    if args.num_inference_steps is not None:
+        generation_kwargs["num_inference_steps"] = args.num_inference_steps
+
+    # Class images for prior preservation: generated with the base model when there are too few.
+    class_records = None
+    if args.with_prior_preservation:
+        precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
+        dtype = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        generate_class_images(args.pretrained_model_name_or_path, args.class_data_dir, args.class_prompt,
+                              args.num_class_images, accelerator=accelerator, batch_size=args.sample_batch_size,
+                              seed=args.seed, torch_dtype=dtype, load_kwargs=load_kwargs,
+                              generation_kwargs=generation_kwargs)
+        class_records = dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
+        class_records = class_records[: args.num_class_images]
+    if accelerator.is_main_process:
+        Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+
+    # The pipeline in float32: adapters are added (and initialised, e.g. by an SVD) before any cast.
+    pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=torch.float32,
+                                             **load_kwargs)
+    modules = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
+    for module in modules.values():
+        module.requires_grad_(False)
+    trained_names = [DENOISER[family]] + (list(TRAINABLE_TEXT_ENCODERS[family]) if args.train_text_encoder else [])
+    trained_names = [name for name in trained_names if modules.get(name) is not None]
+    for name in trained_names:
+        spec.add_to(name, modules[name])
+    components = {name: modules[name] for name in trained_names}  # unwrapped: what the hooks save and export
+
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for name, module in modules.items():
+        # SDXL's VAE overflows in fp16, as diffusers' SDXL script notes; it stays float32
+        cast_frozen_parameters(module, torch.float32 if (family, name) == ("sdxl", "vae") else weight_dtype)
+    pipe.to(accelerator.device)
+    denoiser = components[DENOISER[family]]
+    if args.enable_xformers_memory_efficient_attention:
+        denoiser.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+        for name in trained_names[1:]:
+            components[name].gradient_checkpointing_enable()
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict), not the frozen model.
+    def save_model_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
+        if accelerator.is_main_process:
+            spec.save(output_dir, components)
+        weights.clear()
+
+    def load_model_hook(models: list[nn.Module], input_dir: str) -> None:
+        models.clear()
+        spec.load(input_dir, components)
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+    history = TrainingHistory()
+    accelerator.register_for_checkpointing(history)
+
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        import bitsandbytes as bnb
+
+        optimizer_cls = bnb.optim.AdamW8bit
+    else:
+        optimizer_cls = torch.optim.AdamW
+    optimizer = spec.build_optimizer(list(components.values()), optimizer_cls, args.adam_weight_decay,
+                                     lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                     eps=args.adam_epsilon)
+    riemannian = getattr(optimizer, "stella", None)  # StelLA's hooks: orthonormality error, skipped steps
+
+    train_dataset = DreamBoothDataset(instance_records, class_records, size=args.resolution,
+                                      center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, batch_size=args.train_batch_size, sampler=EpochShuffleSampler(len(train_dataset), args.seed),
+        collate_fn=partial(collate_fn, with_prior_preservation=args.with_prior_preservation),
+        num_workers=args.dataloader_num_workers,
+    )
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    if args.max_train_steps is None:
+        args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles, power=args.lr_power,
+    )
+    prepared = accelerator.prepare(*components.values(), optimizer, train_dataloader, lr_scheduler)
+    *trained_models, optimizer, train_dataloader, lr_scheduler = prepared
+    trained = dict(zip(components, trained_models, strict=True))  # possibly DDP-wrapped
+    num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
+
+    text_encoders = {slot: trained.get(slot, getattr(pipe, slot, None)) for slot in TEXT_ENCODERS[family]}
+    tokenizers = {slot: getattr(pipe, slot) for slot in ("tokenizer", "tokenizer_2", "tokenizer_3")
+                  if getattr(pipe, slot, None) is not None}
+    joint_attention_dim = pipe.transformer.config.joint_attention_dim if family == "sd3" else None
+    prompt_encoder = PromptEncoder(family, tokenizers, text_encoders, args.max_sequence_length, joint_attention_dim)
+    if family in ("sd", "sdxl"):
+        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        if args.prediction_type is not None:
+            noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    else:
+        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    loss_settings = LossSettings(args.snr_gamma, args.noise_offset, args.weighting_scheme, args.logit_mean,
+                                 args.logit_std, args.mode_scale, args.guidance_scale)
+
+    if accelerator.is_main_process:
+        config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("dreambooth-stella", config=config)
+
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Pipeline family = {family}, adapter = {args.adapter}, trained = {', '.join(trained_names)}")
+    logger.info(f"  Num examples = {len(train_dataset)} ({'captioned' if is_captioned(args) else 'DreamBooth'})")
+    logger.info(f"  Num epochs = {args.num_train_epochs}, total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Total train batch size (parallel, distributed & accumulation) = {total_batch_size}")
+
+    global_step = 0
+    first_epoch = 0
+    resume_batches = 0
+    if args.resume_from_checkpoint and resume_dir is None:
+        accelerator.print(f"Checkpoint '{args.resume_from_checkpoint}' does not exist. Starting a new training run.")
+    if resume_dir is not None:
+        accelerator.print(f"Resuming from checkpoint {resume_dir}")
+        accelerator.load_state(str(resume_dir))
+        global_step = checkpoint_step(resume_dir)
+        first_epoch = global_step // num_update_steps_per_epoch
+        resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
+
+    progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
+                        disable=not accelerator.is_local_main_process)
+    micro_losses: list[float] = []
+    try:
+        for epoch in range(first_epoch, args.num_train_epochs):
+            for model in trained.values():
+                model.train()
+            train_dataset.set_epoch(epoch)
+            train_dataloader.set_epoch(epoch)
+            skip = resume_batches if epoch == first_epoch else 0
+            batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+            for batch_index, batch in enumerate(batches, start=skip):
+                seed = derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
+                with accelerator.accumulate(*trained.values()), step_rng(seed, accelerator.device):
+                    with torch.no_grad():
+                        latents = encode_latents(pipe.vae, batch["pixel_values"], family).to(weight_dtype)
+                    with torch.set_grad_enabled(args.train_text_encoder):
+                        conditioning = prompt_encoder(batch["prompts"], accelerator.device)
+                    if family in ("sd", "sdxl"):
+                        time_ids = sdxl_time_ids(batch, args.resolution, accelerator.device) if family == "sdxl" \
+                            else None
+                        per_sample = unet_loss(trained[DENOISER[family]], noise_scheduler, latents, conditioning,
+                                               loss_settings, time_ids)
+                    else:
+                        per_sample = flow_matching_loss(trained[DENOISER[family]], noise_scheduler, latents,
+                                                        conditioning, loss_settings, family)
+                    loss = prior_preservation_loss(per_sample, args.with_prior_preservation, args.prior_loss_weight)
+                    loss_value = accelerator.gather(loss.detach().reshape(1)).mean().item()
+                    check_finite_loss(loss_value, global_step + 1, args.output_dir)
+                    micro_losses.append(loss_value)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
+                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                    optimizer.step()
+                    lr_scheduler.step()
+                    optimizer.zero_grad()
+
+                if not accelerator.sync_gradients:
+                    continue
+                progress_bar.update(1)
+                global_step += 1
+                record = {"step": global_step, "epoch": epoch, "loss": float(np.mean(micro_losses)),
+                          "lr": lr_scheduler.get_last_lr()[0],
+                          "orthonormality_error": riemannian.orthonormality_error() if riemannian else None}
+                micro_losses.clear()
+                history.append(**record)
+                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=global_step)
+                progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                saves = accelerator.is_main_process or accelerator.distributed_type == DistributedType.DEEPSPEED
+                if global_step % args.checkpointing_steps == 0 and saves:
+                    for removed in prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
+                        logger.info(f"Removed old checkpoint {removed}")
+                    accelerator.save_state(str(Path(args.output_dir, f"checkpoint-{global_step}")))
+                if global_step >= args.max_train_steps:
+                    break
+
+            if accelerator.is_main_process and args.validation_prompt and epoch % args.validation_epochs == 0:
+                for model in trained.values():
+                    model.eval()
+                log_validation(pipe, args, accelerator, global_step, "validation")
+    except TrainingError:
+        accelerator.end_training()
+        raise
+    finally:
+        progress_bar.close()
+        if accelerator.is_main_process:
+            history.save(Path(args.output_dir, HISTORY_NAME))
+            if history.records:
+                plot_training_curves(history.records, Path(args.output_dir, PLOT_NAME))
+
+    # The final export: a plain LoRA file a stock pipeline loads, the resumable adapter, images and the card.
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        export = spec.export(args.output_dir, type(pipe), components)
+        spec.save(args.output_dir, components)
+        logger.info(f"Saved {export}")
+        images = []
+        if args.validation_prompt and args.num_validation_images > 0:
+            # the export in a freshly loaded base pipeline, exactly as a user loads it
+            del pipe
+            final = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
+                                                      **load_kwargs)
+            final.load_lora_weights(args.output_dir)
+            final.to(accelerator.device)
+            images = log_validation(final, args, accelerator, global_step, "test")
+        write_model_card(
+            args.output_dir, base_model=args.pretrained_model_name_or_path, family=family, spec=spec,
+            prompt=None if is_captioned(args) else args.instance_prompt, validation_prompt=args.validation_prompt,
+            images=images,
+            settings={"adapter": args.adapter, "rank": args.rank, "lora_alpha": spec.scale_alpha,
+                      "trained": ", ".join(trained_names), "learning_rate": args.learning_rate,
+                      "lr_scheduler": args.lr_scheduler, "steps": global_step, "batch size": total_batch_size,
+                      "resolution": args.resolution, "mixed precision": accelerator.mixed_precision,
+                      "seed": args.seed, "prior preservation": args.with_prior_preservation},
+        )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except TrainingError as err:
+        sys.exit(f"error: {err}")
