@@ -136,8 +136,11 @@ def config_to_argv(parser: argparse.ArgumentParser, values: Mapping[str, Any], s
             if not isinstance(value, bool):
                 raise TrainingError(f"--config {source}: {key} must be true or false, got {value!r}.")
             argv.append(flag if value else f"--no-{dest}")
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
+        elif isinstance(value, bool) and actions[dest].choices is not None:
+            raise TrainingError(f"--config {source}: {key}: {value!r} is not one of {actions[dest].choices} "
+                                "(YAML reads unquoted no / yes / off / on as booleans: quote the value).")
+        elif isinstance(value, list):  # a list for a comma-separated flag such as --lora_layers
+            argv += [flag, ",".join(map(str, value))]
         else:
             argv += [flag, str(value)]
     return argv
@@ -815,6 +818,8 @@ def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     Casting the whole model and upcasting the adapters afterwards (diffusers' way) would round StelLA's U and V
     off the Stiefel manifold; trainable fp16 weights are the "Attempting to unscale FP16 gradients" error.
     """
+    if all(p.dtype == dtype for p in model.parameters() if not p.requires_grad):
+        return
     trainable = [(p, p.data.float()) for p in model.parameters() if p.requires_grad]
     model.to(dtype)
     for param, data in trainable:
