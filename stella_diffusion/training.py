@@ -788,7 +788,9 @@ def plain_lora_state_dict(model: nn.Module, initial_state: Mapping[str, torch.Te
             state[key_a] = torch.cat([state[key_a], initial_state[key_a].float()], dim=0)
             state[key_b] = torch.cat([state[key_b], -initial_state[key_b].float()], dim=1)
         state[key_b] = scale * state[key_b]
-    return {k: v.contiguous() for k, v in state.items()}
+    # DoRA's magnitude as `….lora_magnitude_vector.weight`: diffusers' UNet / transformer loader reads either
+    # spelling, but text encoders load through transformers, which drops the key without `.weight`
+    return {k + ".weight" if k.endswith("lora_magnitude_vector") else k: v.contiguous() for k, v in state.items()}
 
 
 def save_peft_lora_export(
@@ -802,7 +804,7 @@ def save_peft_lora_export(
     for name, model in components.items():
         state = plain_lora_state_dict(model, (initial_states or {}).get(name))
         metadata = _lora_metadata(state)
-        if any(k.endswith("lora_magnitude_vector") for k in state):
+        if any("lora_magnitude_vector" in k for k in state):
             metadata["use_dora"] = True
         kwargs[f"{name}_lora_layers"] = state
         kwargs[f"{name}_lora_adapter_metadata"] = metadata

@@ -1,0 +1,44 @@
+"""Shared pieces of tests/test_train_script.py: the script as a module, tiny data folders, run arguments."""
+
+from __future__ import annotations
+
+import importlib.util
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+from stella_diffusion.domain import CONCEPT_TOKEN, write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "train_dreambooth_stella.py"
+TINY_CONFIG = REPO / "configs" / "tiny-cpu.yaml"
+PROMPT = "a red circle"
+
+
+@cache
+def train_script() -> ModuleType:
+    """``train_dreambooth_stella.py`` imported by path, so tests call ``main(parse_args([...]))`` in-process."""
+    spec = importlib.util.spec_from_file_location("train_dreambooth_stella", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dreambooth_folder(folder: Path, n: int = 3) -> Path:
+    """``n`` images of the held-out concept (stars), no captions: DreamBooth with ``INSTANCE_PROMPT``."""
+    write_image_folder(folder, n, seed=0, split="concept", concept_token=CONCEPT_TOKEN)
+    (folder / "metadata.jsonl").unlink()
+    return folder
+
+
+def captioned_folder(folder: Path, n: int = 4) -> Path:
+    """``n`` images of the held-out style with a ``metadata.jsonl`` (``file_name``, ``text``)."""
+    return write_image_folder(folder, n, seed=0, split="style")
+
+
+def tiny_args(pipeline: Path, data: Path, output: Path, *extra: str) -> list[str]:
+    """The tiny CPU preset with this test's paths; no trackers or validation unless ``extra`` asks for them."""
+    return ["--config", str(TINY_CONFIG), "--pretrained_model_name_or_path", str(pipeline),
+            "--instance_data_dir", str(data), "--output_dir", str(output), "--report_to", "none",
+            "--validation_prompt", "", *extra]
+
