@@ -1,0 +1,89 @@
+"""FID / KID of a generated image folder against a reference folder or saved statistics (.npz).
+
+    python eval/fid.py --generated GEN_DIR --reference REF_DIR [--save_stats ref.npz] [--output result.json]
+    python eval/fid.py --generated GEN_DIR --reference ref.npz --name stella --output stella.json
+    python eval/fid.py --reference REF_DIR --save_stats ref.npz          # statistics only, computed once
+
+Features: torch-fidelity's FID Inception from --inception_weights or the torch hub cache (never downloaded),
+or --feature_extractor module:callable (a module mapping uint8 N×3×S×S images to N×d features).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from stella_diffusion.inception import InceptionWeightsNotFoundError, load_feature_extractor
+from stella_diffusion.metrics import StreamingFID, compute_fid
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--generated", help="folder of generated images")
+    parser.add_argument(
+        "--reference", required=True, help="folder of reference images, or a .npz of statistics"
+    )
+    parser.add_argument("--save_stats", help="write the reference statistics to this .npz")
+    parser.add_argument("--output", help="write the result record (JSON) here")
+    parser.add_argument("--name", help="run name in the result (e.g. stella, lora)")
+    parser.add_argument(
+        "--inception_weights", help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth"
+    )
+    parser.add_argument(
+        "--feature_extractor", help="module:callable giving an nn.Module, instead of Inception"
+    )
+    parser.add_argument("--image_size", type=int, default=299, help="image side (custom extractors only)")
+    parser.add_argument("--kid_subset_size", type=int, default=1000)
+    parser.add_argument("--kid_subsets", type=int, default=100)
+    parser.add_argument("--kid_max_samples", type=int, default=2048, help="KID reservoir per set; 0: no KID")
+    parser.add_argument("--batch_size", type=int, default=50)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.generated is None and args.save_stats is None:
+        parser.error("give --generated, or --save_stats to only compute the reference statistics")
+    if args.generated is None and args.reference.endswith(".npz"):
+        parser.error("statistics only: --reference must be an image folder")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    feature = load_feature_extractor(args.feature_extractor) if args.feature_extractor else None
+    try:
+        metric = StreamingFID(
+            feature,
+            inception_weights=args.inception_weights,
+            feature_name=args.feature_extractor,
+            image_size=args.image_size,
+            kid_subset_size=args.kid_subset_size,
+            kid_subsets=args.kid_subsets,
+            kid_max_samples=args.kid_max_samples,
+            seed=args.seed,
+        ).to(args.device)
+    except InceptionWeightsNotFoundError as err:  # the message says where to put the file: no traceback
+        raise SystemExit(f"error: {err}") from err
+    if args.generated is None:
+        metric.update_folder(args.reference, real=True, batch_size=args.batch_size)
+        stats = metric.reference_stats()
+        stats.save(args.save_stats)
+        print(f"Saved statistics of {stats.num_samples} images to {args.save_stats}")
+        return {}
+    result = compute_fid(args.generated, args.reference, metric, args.batch_size, args.save_stats)
+    if args.name:
+        result = {"name": args.name, **result}
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
