@@ -29,7 +29,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -228,6 +228,9 @@ def main(args: argparse.Namespace) -> None:
         args.seed = random.randrange(2**31)
 
     accelerator = Accelerator(
+        # adapters whose output a family never reads (the last CLIP layer under SDXL's penultimate-layer
+        # conditioning) get no gradient; DDP must expect that, as in diffusers' SDXL script
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -391,6 +394,8 @@ def main(args: argparse.Namespace) -> None:
             skip = resume_batches if epoch == first_epoch else 0
             batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
             for batch_index, batch in enumerate(batches, start=skip):
+                if global_step >= args.max_train_steps:  # checked first: a resume may start at the end
+                    break
                 seed = derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
                 with accelerator.accumulate(*trained.values()), step_rng(seed, accelerator.device):
                     with torch.no_grad():
@@ -433,8 +438,6 @@ def main(args: argparse.Namespace) -> None:
                     for removed in prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
                         logger.info(f"Removed old checkpoint {removed}")
                     accelerator.save_state(str(Path(args.output_dir, f"checkpoint-{global_step}")))
-                if global_step >= args.max_train_steps:
-                    break
 
             if accelerator.is_main_process and args.validation_prompt and epoch % args.validation_epochs == 0:
                 for model in trained.values():

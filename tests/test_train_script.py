@@ -256,7 +256,7 @@ def test_captioned_training_on_dit_pipelines_and_a_stock_pipeline_loads_the_expo
     pipeline = build_tiny_pipeline(kind, tmp_path / kind)
     out = tmp_path / "out"
     run(tiny_args(pipeline, style_dir, out, "--max_sequence_length", "16", "--max_train_steps", "2",
-                  "--learning_rate", "5e-2", "--checkpointing_steps", "100"))
+                  "--learning_rate", "5e-2", "--checkpointing_steps", "100", "--weighting_scheme", "logit_normal"))
     assert [r["step"] for r in history(out)] == [1, 2]
     exported = load_file(out / LORA_WEIGHT_NAME)
     assert exported and all(key.startswith("transformer.") for key in exported)
@@ -275,7 +275,8 @@ def test_resume_gives_the_same_losses_and_factors_as_a_straight_run(sd_pipeline,
     run(tiny_args(sd_pipeline, concept_dir, straight, *common, "--max_train_steps", "4"))
     run(tiny_args(sd_pipeline, concept_dir, halves, *common, "--max_train_steps", "2"))
     run(tiny_args(sd_pipeline, concept_dir, halves, *common, "--max_train_steps", "4",
-                  "--resume_from_checkpoint", "latest"))
+                  "--resume_from_checkpoint", "latest", "--checkpoints_total_limit", "1"))
+    assert [p.name for p in halves.glob("checkpoint-*")] == ["checkpoint-4"]
     assert [r["loss"] for r in history(halves)] == [r["loss"] for r in history(straight)]
     assert len({r["loss"] for r in history(straight)}) == 4
     ours, reference = load_file(halves / NATIVE_WEIGHT_NAME), load_file(straight / NATIVE_WEIGHT_NAME)
@@ -292,7 +293,9 @@ def test_prior_preservation_generates_missing_class_images(sd_pipeline, concept_
     out = tmp_path / "out"
     run(tiny_args(sd_pipeline, concept_dir, out, "--instance_prompt", INSTANCE_PROMPT, "--with_prior_preservation",
                   "--class_data_dir", str(class_dir), "--class_prompt", "a photo of a shape",
-                  "--num_class_images", "3", "--max_train_steps", "2"))
+                  "--num_class_images", "3", "--max_train_steps", "2",
+                  # the UNet loss options on the way: v-prediction, min-SNR weighting, noise offset
+                  "--prediction_type", "v_prediction", "--snr_gamma", "5", "--noise_offset", "0.05"))
     assert len(list(class_dir.glob("*.png"))) == 3  # two generated with the base model
     assert all(math.isfinite(r["loss"]) for r in history(out))
     assert (out / LORA_WEIGHT_NAME).is_file()
