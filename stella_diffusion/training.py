@@ -306,6 +306,7 @@ def is_captioned(args: argparse.Namespace) -> bool:
 
 def training_records(args: argparse.Namespace) -> list[ImageRecord]:
     """The instance images of either data mode, validated (see `folder_images` / `captioned_records`)."""
+    _check_folder(args.instance_data_dir, "--instance_data_dir")
     if is_captioned(args):
         return captioned_records(args.instance_data_dir, args.caption_column or "text")
     if args.instance_prompt is None:
