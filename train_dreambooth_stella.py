@@ -59,9 +59,9 @@ from stella_diffusion.training import (
     checkpoint_step,
     collate_fn,
     derived_seed,
+    diffusion_loss,
     dreambooth_records,
     encode_latents,
-    flow_matching_loss,
     generate_class_images,
     image_grid,
     is_captioned,
@@ -74,7 +74,6 @@ from stella_diffusion.training import (
     sdxl_time_ids,
     step_rng,
     training_records,
-    unet_loss,
     write_model_card,
 )
 from stella_diffusion.tuner.config import INIT_METHODS
@@ -356,8 +355,10 @@ def main(args: argparse.Namespace) -> None:
             noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     else:
         noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    loss_settings = LossSettings(args.snr_gamma, args.noise_offset, args.weighting_scheme, args.logit_mean,
-                                 args.logit_std, args.mode_scale, args.guidance_scale)
+    loss_settings = LossSettings(snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
+                                 weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean,
+                                 logit_std=args.logit_std, mode_scale=args.mode_scale,
+                                 guidance_scale=args.guidance_scale)
 
     if accelerator.is_main_process:
         config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
@@ -402,14 +403,10 @@ def main(args: argparse.Namespace) -> None:
                         latents = encode_latents(pipe.vae, batch["pixel_values"], family).to(weight_dtype)
                     with torch.set_grad_enabled(args.train_text_encoder):
                         conditioning = prompt_encoder(batch["prompts"], accelerator.device)
-                    if family in ("sd", "sdxl"):
-                        time_ids = sdxl_time_ids(batch, args.resolution, accelerator.device) if family == "sdxl" \
-                            else None
-                        per_sample = unet_loss(trained[DENOISER[family]], noise_scheduler, latents, conditioning,
-                                               loss_settings, time_ids)
-                    else:
-                        per_sample = flow_matching_loss(trained[DENOISER[family]], noise_scheduler, latents,
-                                                        conditioning, loss_settings, family)
+                    if family == "sdxl":  # SDXL also conditions on each image's original size and crop
+                        conditioning["time_ids"] = sdxl_time_ids(batch, args.resolution, accelerator.device)
+                    per_sample = diffusion_loss(family, trained[DENOISER[family]], noise_scheduler, latents,
+                                                conditioning, loss_settings)
                     loss = prior_preservation_loss(per_sample, args.with_prior_preservation, args.prior_loss_weight)
                     loss_value = accelerator.gather(loss.detach().reshape(1)).mean().item()
                     check_finite_loss(loss_value, global_step + 1, args.output_dir)

@@ -564,15 +564,31 @@ def sdxl_time_ids(batch: Mapping[str, Any], resolution: int, device: torch.devic
     return torch.tensor(rows, device=device, dtype=torch.float32)
 
 
+def diffusion_loss(
+    family: str,
+    denoiser: nn.Module,
+    scheduler: Any,
+    latents: torch.Tensor,
+    conditioning: Mapping[str, torch.Tensor],
+    settings: LossSettings,
+) -> torch.Tensor:
+    """Per-sample training loss of the family: DDPM for the UNets, flow matching for SD3 / Flux."""
+    if family in ("sd", "sdxl"):
+        return unet_loss(denoiser, scheduler, latents, conditioning, settings)
+    return flow_matching_loss(denoiser, scheduler, latents, conditioning, settings, family)
+
+
 def unet_loss(
     unet: nn.Module,
     scheduler: Any,
     latents: torch.Tensor,
     conditioning: Mapping[str, torch.Tensor],
     settings: LossSettings,
-    added_time_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample DDPM loss (epsilon or v-prediction), min-SNR weighted with ``snr_gamma``."""
+    """Per-sample DDPM loss (epsilon or v-prediction), min-SNR weighted with ``snr_gamma``.
+
+    SDXL's conditioning also carries ``time_ids`` (see `sdxl_time_ids`) next to the pooled projection.
+    """
     noise = torch.randn_like(latents)
     if settings.noise_offset:
         noise = noise + settings.noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
@@ -588,8 +604,9 @@ def unet_loss(
     else:
         raise TrainingError(f"Unknown prediction type {prediction_type!r} (use epsilon or v_prediction).")
     kwargs = {}
-    if added_time_ids is not None:
-        kwargs["added_cond_kwargs"] = {"text_embeds": conditioning["pooled_projections"], "time_ids": added_time_ids}
+    if "time_ids" in conditioning:
+        kwargs["added_cond_kwargs"] = {"text_embeds": conditioning["pooled_projections"],
+                                       "time_ids": conditioning["time_ids"]}
     prediction = unet(noisy, timesteps, conditioning["encoder_hidden_states"], return_dict=False, **kwargs)[0]
     loss = _per_sample_mse(prediction, target)
     if settings.snr_gamma is not None:
