@@ -248,6 +248,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init-from", type=Path, help="a saved base to train further (skips the VAE stage)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=20000)
@@ -272,15 +273,25 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.time()
-    tokenizer = build_clip_tokenizer(words=vocabulary())
-    vae, text_encoder, unet = build_models(tokenizer, args.width, args.text_width)
-    vae, text_encoder, unet = vae.to(args.device), text_encoder.to(args.device), unet.to(args.device)
     x, captions = pretrain_images(args.images, args.seed)
-    vae_mse = train_vae(vae, x, args)
-    latents = encode_latents(vae, x, args.device)
-    # SD's convention: latents times `scaling_factor` have unit variance.
-    args.scale = round(1.0 / latents[0].std().item(), 5)
-    vae.register_to_config(scaling_factor=args.scale)
+    if args.init_from:
+        # Continue a saved base: same tokenizer and VAE (so the same latent space), UNet and text encoder
+        # trained further on a fresh draw of the pretrain split (pass another --seed).
+        base = StableDiffusionPipeline.from_pretrained(args.init_from)
+        tokenizer, vae, text_encoder, unet = base.tokenizer, base.vae, base.text_encoder, base.unet
+        vae, text_encoder, unet = vae.to(args.device), text_encoder.to(args.device), unet.to(args.device)
+        vae_mse = float("nan")
+        args.scale = vae.config.scaling_factor
+        latents = encode_latents(vae, x, args.device)
+    else:
+        tokenizer = build_clip_tokenizer(words=vocabulary())
+        vae, text_encoder, unet = build_models(tokenizer, args.width, args.text_width)
+        vae, text_encoder, unet = vae.to(args.device), text_encoder.to(args.device), unet.to(args.device)
+        vae_mse = train_vae(vae, x, args)
+        latents = encode_latents(vae, x, args.device)
+        # SD's convention: latents times `scaling_factor` have unit variance.
+        args.scale = round(1.0 / latents[0].std().item(), 5)
+        vae.register_to_config(scaling_factor=args.scale)
     vae_time = time.time() - start
 
     ids = tokenize(tokenizer, captions).to(args.device)
