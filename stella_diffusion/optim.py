@@ -150,10 +150,9 @@ class RiemannianHooks:
                             continue
                         if _is_sharded(param) or tuple(param.shape) != expected:
                             raise RuntimeError(
-                                f"A StelLA factor has shape {tuple(param.shape)} where {expected} was expected: "
-                                "it is sharded (FSDP / DeepSpeed ZeRO-3 / tensor parallel). U and V must be whole "
-                                "on the rank that retracts them: use DDP, DeepSpeed ZeRO-1/2, or FSDP with the "
-                                "adapter layers left unsharded (ignored_modules)."
+                                f"A StelLA factor of expected shape {expected} is sharded (FSDP / DeepSpeed / "
+                                "tensor parallel). U and V must be whole on the rank that retracts them: use DDP; "
+                                "FSDP and DeepSpeed are not supported."
                             )
                         if in_optimizer[id(param)].get("weight_decay", 0.0):
                             warnings.warn(
@@ -191,7 +190,8 @@ class RiemannianHooks:
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not grads:
             return True
-        return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        # one fused check and one host sync, instead of one per gradient
+        return bool(torch.cat([g.reshape(-1) for g in grads]).isfinite().all())
 
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
