@@ -13,14 +13,11 @@ from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
-from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
 from tqdm.auto import tqdm
 
 from .images import list_images
+from .pipelines import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME, load_stella_into_pipeline
 
-# Same name as ``stella_diffusion.pipelines.NATIVE_WEIGHT_NAME``, kept here so that LoRA-only use never
-# imports the StelLA checkpoint code.
-NATIVE_ADAPTER_FILE = "stella_adapter.safetensors"
 METADATA_FILE = "metadata.jsonl"
 
 
@@ -41,24 +38,17 @@ def load_adapter(pipe: DiffusionPipeline, adapter_dir: str | Path) -> str:
     loaded, ``"lora"`` or ``"stella"``.
     """
     adapter_dir = Path(adapter_dir)
-    if (adapter_dir / LORA_WEIGHT_NAME_SAFE).is_file():
+    if (adapter_dir / LORA_WEIGHT_NAME).is_file():
         if not hasattr(pipe, "load_lora_weights"):
             raise TypeError(
                 f"{type(pipe).__name__} has no LoRA loader in diffusers; use a native StelLA checkpoint."
             )
         pipe.load_lora_weights(adapter_dir)
         return "lora"
-    if (adapter_dir / NATIVE_ADAPTER_FILE).is_file():
-        try:
-            from .pipelines import load_stella_into_pipeline
-        except ImportError as err:
-            raise ImportError(
-                f"{adapter_dir} holds a native StelLA checkpoint, but stella_diffusion.pipelines cannot be "
-                f"imported to load it ({err}). Load the LoRA export of the adapter instead."
-            ) from err
+    if (adapter_dir / NATIVE_WEIGHT_NAME).is_file():
         load_stella_into_pipeline(pipe, adapter_dir)
         return "stella"
-    raise FileNotFoundError(f"{adapter_dir} holds neither {LORA_WEIGHT_NAME_SAFE} nor {NATIVE_ADAPTER_FILE}.")
+    raise FileNotFoundError(f"{adapter_dir} holds neither {LORA_WEIGHT_NAME} nor {NATIVE_WEIGHT_NAME}.")
 
 
 def load_pipeline(
