@@ -31,11 +31,11 @@ from diffusers import (
     UNet2DConditionModel,
 )
 from torch import nn
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from stella_diffusion.domain import RESOLUTION, ShapeSpec, caption, render, sample_specs, vocabulary
 from stella_diffusion.domain_classifier import load_domain_classifier, prompted_accuracy
-from stella_diffusion.tiny_pipelines import build_clip_tokenizer
+from stella_diffusion.tiny_pipelines import build_clip_tokenizer, clip_text_config
 
 DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "stella_diffusion" / "assets" / "tiny-shapes-t2i"
 
@@ -82,19 +82,7 @@ def build_models(
         norm_num_groups=8,
         sample_size=RESOLUTION,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text_width,
-            intermediate_size=text_width * 2,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = CLIPTextModel(clip_text_config(tokenizer, text_width))
     unet = UNet2DConditionModel(
         sample_size=RESOLUTION // 2,
         in_channels=4,

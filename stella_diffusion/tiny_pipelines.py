@@ -193,12 +193,13 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"unknown pipeline kind {kind!r}; expected one of {PIPELINE_KINDS}")
 
 
-def _clip_text_config(tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+def clip_text_config(tokenizer: CLIPTokenizer, width: int = _TEXT_WIDTH) -> CLIPTextConfig:
+    """A 2-layer CLIP text encoder config matching ``tokenizer`` (shared by the tiny and the embedded bases)."""
     return CLIPTextConfig(
         vocab_size=len(tokenizer),
-        hidden_size=_TEXT_WIDTH,
-        intermediate_size=2 * _TEXT_WIDTH,
-        projection_dim=_TEXT_WIDTH,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=tokenizer.model_max_length,
@@ -263,7 +264,7 @@ def _build_sd() -> DiffusionPipeline:
     tokenizer = build_clip_tokenizer()
     return StableDiffusionPipeline(
         vae=_vae(scaling_factor=0.18215),
-        text_encoder=CLIPTextModel(_clip_text_config(tokenizer)),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer)),
         tokenizer=tokenizer,
         unet=_unet(cross_attention_dim=_TEXT_WIDTH),
         scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, **_LDM_BETAS),
@@ -278,8 +279,8 @@ def _build_sdxl() -> DiffusionPipeline:
     time_embed_dim = 8
     return StableDiffusionXLPipeline(
         vae=_vae(scaling_factor=0.13025),
-        text_encoder=CLIPTextModel(_clip_text_config(tokenizer)),
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(tokenizer)),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer)),
         tokenizer=tokenizer,
         tokenizer_2=build_clip_tokenizer(),
         # The UNet attends to both encoders' hidden states side by side and embeds six size / crop numbers
@@ -318,9 +319,9 @@ def _build_sd3() -> DiffusionPipeline:
         ),
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False),
-        text_encoder=CLIPTextModelWithProjection(_clip_text_config(tokenizer)),
+        text_encoder=CLIPTextModelWithProjection(clip_text_config(tokenizer)),
         tokenizer=tokenizer,
-        text_encoder_2=CLIPTextModelWithProjection(_clip_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(clip_text_config(tokenizer)),
         tokenizer_2=build_clip_tokenizer(),
         text_encoder_3=_t5_encoder(t5_tokenizer, t5_width),
         tokenizer_3=t5_tokenizer,
@@ -339,7 +340,7 @@ def _build_flux() -> DiffusionPipeline:
             max_image_seq_len=256,
         ),
         vae=_vae(scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False),
-        text_encoder=CLIPTextModel(_clip_text_config(tokenizer)),
+        text_encoder=CLIPTextModel(clip_text_config(tokenizer)),
         tokenizer=tokenizer,
         text_encoder_2=_t5_encoder(t5_tokenizer, _TEXT_WIDTH),
         tokenizer_2=t5_tokenizer,
