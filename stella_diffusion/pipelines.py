@@ -106,7 +106,7 @@ def _times_s(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return u * s if s.ndim == 1 else u @ s
 
 
-def _lora_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+def lora_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """`LoraConfig` kwargs that make the scale exactly 1 (alpha = rank for every module).
 
     Written even though the scale is already baked into ``lora_B``, because consumers that ignore it assume
@@ -152,7 +152,7 @@ def save_lora_export(
             raise ValueError(f"{pipeline_cls.__name__}.save_lora_weights cannot save adapters of `{component}`.")
         kwargs[f"{component}_lora_layers"] = state
         if f"{component}_lora_adapter_metadata" in accepted:
-            kwargs[f"{component}_lora_adapter_metadata"] = _lora_metadata(state)
+            kwargs[f"{component}_lora_adapter_metadata"] = lora_metadata(state)
     if not kwargs:
         raise ValueError(f"No StelLA adapter named {adapter_name!r} found in the given components.")
     output_dir = Path(output_dir)

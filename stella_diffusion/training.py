@@ -40,10 +40,10 @@ from .optim import make_riemannian, stella_parameter_groups
 from .pipelines import (
     LORA_WEIGHT_NAME,
     NATIVE_WEIGHT_NAME,
-    _lora_metadata,
     add_stella_adapter,
     default_target_modules,
     load_stella_checkpoint,
+    lora_metadata,
     save_lora_export,
     save_stella_checkpoint,
 )
@@ -821,7 +821,7 @@ def save_peft_lora_export(
     kwargs: dict[str, Any] = {}
     for name, model in components.items():
         state = plain_lora_state_dict(model, (initial_states or {}).get(name))
-        metadata = _lora_metadata(state)
+        metadata = lora_metadata(state)
         if any("lora_magnitude_vector" in k for k in state):
             metadata["use_dora"] = True
         kwargs[f"{name}_lora_layers"] = state
