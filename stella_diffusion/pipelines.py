@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .tuner import StellaConfig, StellaLayer
 from .tuner.layer import Conv2d as StellaConv2d
+from .tuner.layer import times_s
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 NATIVE_WEIGHT_NAME = "stella_adapter.safetensors"
@@ -92,18 +93,14 @@ def stella_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> d
             continue
         s = layer.scaling[adapter_name]
         a = layer.stella_Vt[adapter_name].float()
-        b = s * _times_s(layer.stella_U[adapter_name].float(), layer.stella_S[adapter_name].float())
+        b = s * times_s(layer.stella_U[adapter_name].float(), layer.stella_S[adapter_name].float())
         if adapter_name in layer.stella_U0:
             a = torch.cat([a, layer.stella_Vt0[adapter_name].float()], dim=0)
-            b0 = s * _times_s(layer.stella_U0[adapter_name].float(), layer.stella_S0[adapter_name].float())
+            b0 = s * times_s(layer.stella_U0[adapter_name].float(), layer.stella_S0[adapter_name].float())
             b = torch.cat([b, -b0], dim=1)
         state[f"{name}.lora_A.weight"] = _as_conv(a, layer).contiguous()
         state[f"{name}.lora_B.weight"] = _as_conv(b, layer).contiguous()
     return state
-
-
-def _times_s(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    return u * s if s.ndim == 1 else u @ s
 
 
 def lora_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -204,8 +201,6 @@ def _read_native(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     if not file.is_file():
         raise FileNotFoundError(f"No StelLA checkpoint at {path}: expected the file {file}.")
     try:
-        from safetensors import safe_open
-
         with safe_open(str(file), framework="pt") as handle:
             header = handle.metadata() or {}
         tensors = load_file(file)

@@ -22,6 +22,11 @@ from ..manifold import random_stiefel
 from .config import StellaConfig
 
 
+def times_s(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``U S`` for a full (r × r) or a diagonal (r values) ``S``."""
+    return u * s if s.ndim == 1 else u @ s
+
+
 class StellaLayer(BaseTunerLayer):
     """State and math shared by every StelLA layer type (one entry per adapter name in each dict)."""
 
@@ -114,7 +119,7 @@ class StellaLayer(BaseTunerLayer):
     @staticmethod
     def _product(u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
         """``U S Vᵀ`` as an (out, in) matrix, for a full or a diagonal ``S``."""
-        return (u * s) @ vt if s.ndim == 1 else u @ s @ vt
+        return times_s(u, s) @ vt
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """``ΔW = s · U S Vᵀ`` (minus ``ΔW₀`` for a function-preserving start), in the base weight's layout."""
