@@ -27,7 +27,7 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
@@ -36,10 +36,12 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
+from stella_diffusion.evaluation import evaluate_against_base
 from stella_diffusion.manifold import RETRACTIONS
 from stella_diffusion.training import (
     ADAPTERS,
     DENOISER,
+    EVAL_DIR,
     HISTORY_NAME,
     PLOT_NAME,
     TEXT_ENCODERS,
@@ -62,6 +64,7 @@ from stella_diffusion.training import (
     diffusion_loss,
     dreambooth_records,
     encode_latents,
+    evaluation_setup,
     generate_class_images,
     image_grid,
     is_captioned,
@@ -119,7 +122,25 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--num_validation_images", type=int, default=4, help="Number of validation images per validation.")
     flag("--validation_epochs", type=int, default=50, help="Run validation every X epochs.")
     flag("--num_inference_steps", type=int, default=None,
-         help="Denoising steps for validation and class images (default: the pipeline's).")
+         help="Denoising steps for validation, evaluation and class images (default: the pipeline's).")
+    flag("--validation_guidance_scale", type=float, default=None,
+         help="Classifier-free guidance of validation and evaluation images (default: the pipeline's).")
+    # evaluation after training
+    flag("--eval_reference_dir", type=str, default=None,
+         help="After training, generate with the base and the fine-tuned model on the same prompts and seeds and "
+              "write eval/report.{json,md,png}: FID / KID against this folder of reference images (or a .npz "
+              "of statistics from eval/fid.py). Off when unset.")
+    flag("--eval_prompts", type=str, default=None,
+         help="Evaluation prompts: a .txt (one per line) or a .jsonl ('text' column; the other string columns are "
+              "attributes the prompt asks for), cycled to --num_eval_images (default: the instance prompt, else "
+              "--validation_prompt).")
+    flag("--num_eval_images", type=int, default=64, help="Images per evaluated model.")
+    flag("--eval_feature_extractor", type=str, default="inception",
+         help="FID features: inception (torch-fidelity's FID Inception, from the torch hub cache), domain (the "
+              "shapes classifier shipped with the package, which also scores the prompted attributes) or "
+              "module:callable.")
+    flag("--eval_base", action=argparse.BooleanOptionalAction, default=True,
+         help="Also score the base model (--no-eval_base skips it, e.g. in sweeps that score it once).")
     # adapter
     flag("--adapter", type=str, default="stella", choices=ADAPTERS,
          help="stella, or a peft baseline (lora, dora, pissa) trained the same way for comparisons.")
@@ -190,6 +211,16 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     return parse_args_with_config(parser, input_args)
 
 
+def validation_kwargs(args: argparse.Namespace) -> dict:
+    """Pipeline call settings shared by validation and evaluation images."""
+    kwargs = {"height": args.resolution, "width": args.resolution}
+    if args.num_inference_steps is not None:
+        kwargs["num_inference_steps"] = args.num_inference_steps
+    if args.validation_guidance_scale is not None:
+        kwargs["guidance_scale"] = args.validation_guidance_scale
+    return kwargs
+
+
 def log_validation(
     pipeline: DiffusionPipeline, args: argparse.Namespace, accelerator: Accelerator, step: int, phase: str
 ) -> list[Image.Image]:
@@ -197,11 +228,8 @@ def log_validation(
     logger.info(f"Running {phase}: {args.num_validation_images} images of {args.validation_prompt!r}.")
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
-    kwargs = {"height": args.resolution, "width": args.resolution}
-    if args.num_inference_steps is not None:
-        kwargs["num_inference_steps"] = args.num_inference_steps
     with torch.no_grad(), accelerator.autocast():
-        images = [pipeline(args.validation_prompt, generator=generator, **kwargs).images[0]
+        images = [pipeline(args.validation_prompt, generator=generator, **validation_kwargs(args)).images[0]
                   for _ in range(args.num_validation_images)]
     folder = Path(args.output_dir, "validation")
     folder.mkdir(parents=True, exist_ok=True)
@@ -219,6 +247,7 @@ def main(args: argparse.Namespace) -> None:
     if family == "flux" and args.resolution % 16:
         raise TrainingError(f"--resolution must be a multiple of 16 for Flux, got {args.resolution}.")
     instance_records = training_records(args)
+    evaluation = evaluation_setup(args) if PartialState().is_main_process else None
     spec = AdapterSpec.from_args(args)
     resume_dir = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:
@@ -249,9 +278,6 @@ def main(args: argparse.Namespace) -> None:
     load_kwargs = {"revision": args.revision, "variant": args.variant}
     if family == "sd":
         load_kwargs["safety_checker"] = None
-    generation_kwargs = {"height": args.resolution, "width": args.resolution}
-    if args.num_inference_steps is not None:
-        generation_kwargs["num_inference_steps"] = args.num_inference_steps
 
     # Class images for prior preservation: generated with the base model when there are too few.
     class_records = None
@@ -261,7 +287,7 @@ def main(args: argparse.Namespace) -> None:
         generate_class_images(args.pretrained_model_name_or_path, args.class_data_dir, args.class_prompt,
                               args.num_class_images, accelerator=accelerator, batch_size=args.sample_batch_size,
                               seed=args.seed, torch_dtype=dtype, load_kwargs=load_kwargs,
-                              generation_kwargs=generation_kwargs)
+                              generation_kwargs=validation_kwargs(args))
         class_records = dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
         class_records = class_records[: args.num_class_images]
     if accelerator.is_main_process:
@@ -456,15 +482,28 @@ def main(args: argparse.Namespace) -> None:
         export = spec.export(args.output_dir, type(pipe), components)
         spec.save(args.output_dir, components)
         logger.info(f"Saved {export}")
-        images = []
-        if args.validation_prompt and args.num_validation_images > 0:
+        images, report = [], None
+        validates = bool(args.validation_prompt and args.num_validation_images > 0)
+        if validates or evaluation is not None:
             # the export in a freshly loaded base pipeline, exactly as a user loads it
             del pipe
             final = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
                                                       **load_kwargs)
             final.load_lora_weights(args.output_dir)
             final.to(accelerator.device)
-            images = log_validation(final, args, accelerator, global_step, "test")
+            if validates:
+                images = log_validation(final, args, accelerator, global_step, "test")
+            if evaluation is not None:
+                eval_prompts, metric = evaluation
+                logger.info(f"Evaluating on {len(eval_prompts)} prompts against {args.eval_reference_dir}.")
+                with accelerator.autocast():
+                    paths = evaluate_against_base(
+                        final, args.adapter, eval_prompts, Path(args.output_dir, EVAL_DIR), args.eval_reference_dir,
+                        metric.to(accelerator.device), include_base=args.eval_base, seed=args.seed,
+                        batch_size=args.sample_batch_size, generation_kwargs=validation_kwargs(args),
+                    )
+                report = paths["markdown"].read_text(encoding="utf-8")
+                logger.info("\n" + report)
         write_model_card(
             args.output_dir, base_model=args.pretrained_model_name_or_path, family=family, spec=spec,
             prompt=None if is_captioned(args) else args.instance_prompt, validation_prompt=args.validation_prompt,
@@ -474,6 +513,7 @@ def main(args: argparse.Namespace) -> None:
                       "lr_scheduler": args.lr_scheduler, "steps": global_step, "batch size": total_batch_size,
                       "resolution": args.resolution, "mixed precision": accelerator.mixed_precision,
                       "seed": args.seed, "prior preservation": args.with_prior_preservation},
+            evaluation=report,
         )
     accelerator.end_training()
 

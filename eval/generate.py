@@ -38,7 +38,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--dtype", choices=sorted(DTYPES), help="default: the dtypes the pipeline was saved in"
     )
     parser.add_argument(
-        "--overwrite", action="store_true", help="write into a folder that already has images"
+        "--overwrite", action="store_true", help="delete the images the output folder already has, then write"
     )
     return parser.parse_args(argv)
 

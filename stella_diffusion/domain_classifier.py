@@ -9,6 +9,8 @@ are classes too, so it can judge the DreamBooth and style fine-tunes).
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict
 from importlib.resources import files
 from pathlib import Path
 
@@ -107,19 +109,42 @@ def load_domain_classifier(weights_path: str | Path | None = None, device: str =
     return model.to(device).eval()
 
 
+class DomainFeatures(nn.Module):
+    """The classifier's embedding of uint8 images: the FID / KID feature extractor of the shapes domain.
+
+    Takes what :class:`~stella_diffusion.metrics.StreamingFID` feeds its extractors (uint8 ``N×3×S×S``).
+    """
+
+    def __init__(self, classifier: DomainClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.num_features = classifier.config["feature_dim"]
+        self.image_size = classifier.resolution
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(images.float() / 255)
+
+
+def domain_feature_extractor(weights_path: str | Path | None = None) -> DomainFeatures:
+    """FID features of the committed classifier (``eval/fid.py --feature_extractor`` accepts this name)."""
+    return DomainFeatures(load_domain_classifier(weights_path))
+
+
 def prompted_accuracy(
     classifier: DomainClassifier,
     images: torch.Tensor,
-    specs: list[ShapeSpec],
+    specs: Sequence[ShapeSpec | Mapping[str, str]],
     attributes: tuple[str, ...] = ("shape", "colour"),
 ) -> dict[str, float]:
     """Share of ``images`` (float, [0, 1], N×3×H×W) whose attributes the classifier reads as ``specs`` say.
 
-    This is how the project judges a generator: prompt it with ``caption(spec)`` and compare. The key
-    ``"all"`` is the share of images where every one of ``attributes`` is right.
+    This is how the project judges a generator: prompt it with ``caption(spec)`` and compare. A spec is a
+    :class:`ShapeSpec` or a mapping of the attributes asked for. The key ``"all"`` is the share of images
+    where every one of ``attributes`` is right.
     """
+    wanted = [asdict(s) if isinstance(s, ShapeSpec) else s for s in specs]
     predicted = classifier.predict(images.to(next(classifier.parameters()).device).float())
-    right = {k: [p == getattr(s, k) for p, s in zip(predicted[k], specs, strict=True)] for k in attributes}
-    result = {name: sum(hits) / len(specs) for name, hits in right.items()}
-    result["all"] = sum(all(hits) for hits in zip(*right.values(), strict=True)) / len(specs)
+    right = {k: [p == w[k] for p, w in zip(predicted[k], wanted, strict=True)] for k in attributes}
+    result = {name: sum(hits) / len(wanted) for name, hits in right.items()}
+    result["all"] = sum(all(hits) for hits in zip(*right.values(), strict=True)) / len(wanted)
     return result

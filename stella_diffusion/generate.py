@@ -85,14 +85,18 @@ def generate_images(
 
     ``generation_kwargs`` go to the pipeline call (steps, guidance, size, ...); they and ``settings``
     (e.g. the pipeline and adapter paths) are recorded in each line with the prompt and the seed.
-    An output folder that already holds images is refused unless ``overwrite``: stale images would enter FID.
+    An output folder that already holds images is refused unless ``overwrite``, which deletes them first: stale
+    images would enter FID.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if not overwrite and list_images(out_dir):
+    stale = list_images(out_dir)
+    if stale and not overwrite:
         raise FileExistsError(
             f"{out_dir} already holds images; pass overwrite=True (--overwrite) to replace."
         )
+    for path in stale:  # replaced, not mixed in: leftovers of a larger earlier run would enter FID
+        path.unlink()
     kwargs = dict(generation_kwargs or {})
     kwargs.pop("output_type", None)  # always PIL images, written as PNG
     recorded = {**(settings or {}), "pipeline_class": type(pipe).__name__, **kwargs}

@@ -39,19 +39,25 @@ def _kid_cell(run: Mapping[str, Any]) -> str:
 
 
 def markdown_table(runs: Sequence[Mapping[str, Any]], title: str = "FID / KID") -> str:
-    """A Markdown section: one row per run, then the convention used (or a warning when runs differ)."""
+    """A Markdown section: one row per run (with attribute accuracy when runs have it), then the convention."""
+    attributes = list(dict.fromkeys(k for run in runs for k in run.get("accuracy", {})))
     lines = [
         f"## {title}",
         "",
-        "| run | FID ↓ | KID ×10³ ↓ | generated | reference |",
-        "|---|---:|---:|---:|---:|",
+        "| run | FID ↓ | KID ×10³ ↓ | generated | reference |" + "".join(f" {a} ↑ |" for a in attributes),
+        "|---|---:|---:|---:|---:|" + "---:|" * len(attributes),
     ]
-    lines += [
-        f"| {run['name']} | {run['fid']:.3f} | {_kid_cell(run)} | {run.get('num_generated', '?')} "
-        f"| {run.get('num_reference', '?')} |"
-        for run in runs
-    ]
+    for run in runs:
+        accuracy = run.get("accuracy", {})
+        cells = "".join(f" {accuracy[a]:.2f} |" if a in accuracy else " – |" for a in attributes)
+        lines.append(
+            f"| {run['name']} | {run['fid']:.3f} | {_kid_cell(run)} | {run.get('num_generated', '?')} "
+            f"| {run.get('num_reference', '?')} |{cells}"
+        )
     lines.append("")
+    if attributes:
+        lines.append("Attribute columns: share of generated images whose attribute the domain classifier reads as "
+                     "the prompt asks (`all`: every attribute right).")
     references = {run.get("reference") for run in runs}
     if len(references) == 1 and None not in references:
         lines.append(f"Reference: `{references.pop()}`.")

@@ -35,7 +35,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset, Sampler
 
+from .evaluation import EvalPrompt, build_fid_metric, cycle_prompts, read_eval_prompts
 from .images import UnreadableImageWarning, to_rgb
+from .metrics import StreamingFID
 from .optim import make_riemannian, stella_parameter_groups
 from .pipelines import (
     LORA_WEIGHT_NAME,
@@ -54,6 +56,7 @@ PEFT_WEIGHT_NAME = "peft_adapter.safetensors"
 ADAPTER_SETTINGS_NAME = "adapter_settings.json"
 PLOT_NAME = "training_curves.png"
 HISTORY_NAME = "training_history.json"
+EVAL_DIR = "eval"  # under --output_dir: the evaluation images and report
 
 # model_index.json's `_class_name` → the family the script knows how to train.
 PIPELINE_FAMILIES = {
@@ -206,6 +209,32 @@ def check_args(args: argparse.Namespace) -> None:
 
         if not is_xformers_available():
             raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`.")
+
+
+def evaluation_setup(args: argparse.Namespace) -> tuple[list[EvalPrompt], StreamingFID] | None:
+    """The prompts and the FID metric of the post-training evaluation (``None`` without ``--eval_reference_dir``).
+
+    Built before training, so a missing reference, prompt file or Inception weights fail at once. Prompts come
+    from ``--eval_prompts``, else the instance prompt (DreamBooth), else the validation prompt.
+    """
+    if args.eval_reference_dir is None:
+        return None
+    reference = Path(args.eval_reference_dir)
+    if not (reference.is_dir() or (reference.suffix == ".npz" and reference.is_file())):
+        raise TrainingError(f"--eval_reference_dir {reference}: no such image folder or .npz statistics file.")
+    if args.num_eval_images <= 0:
+        raise TrainingError(f"--num_eval_images must be a positive integer, got {args.num_eval_images}.")
+    try:
+        if args.eval_prompts is not None:
+            prompts = read_eval_prompts(args.eval_prompts)
+        elif args.instance_prompt or args.validation_prompt:
+            prompts = [EvalPrompt(args.instance_prompt or args.validation_prompt)]
+        else:
+            raise TrainingError("--eval_reference_dir needs --eval_prompts, --instance_prompt or --validation_prompt.")
+        metric = build_fid_metric(args.eval_feature_extractor, seed=args.seed or 0)
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
+        raise TrainingError(f"Evaluation set-up: {err}") from err
+    return cycle_prompts(prompts, args.num_eval_images), metric
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -984,8 +1013,12 @@ def write_model_card(
     validation_prompt: str | None,
     images: Sequence[Image.Image] = (),
     settings: Mapping[str, Any] | None = None,
+    evaluation: str | None = None,
 ) -> Path:
-    """``README.md`` in the shape of diffusers' DreamBooth LoRA cards, saying how to load the export."""
+    """``README.md`` in the shape of diffusers' DreamBooth LoRA cards, saying how to load the export.
+
+    ``evaluation`` is a Markdown section (the post-training FID report) added at the end.
+    """
     output_dir = Path(output_dir)
     image_lines = []
     for i, image in enumerate(images):
@@ -1033,6 +1066,8 @@ image = pipe({example}).images[0]
 |---|---|
 {rows}
 """
+    if evaluation:
+        text += "\n" + evaluation.replace("## ", "## Evaluation: ", 1)
     path = output_dir / "README.md"
     path.write_text(text, encoding="utf-8")
     return path
