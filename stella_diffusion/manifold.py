@@ -25,6 +25,15 @@ def _mT(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(-2, -1)
 
 
+def _times_small(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``X W`` for a tall ``X`` (..., n, k) and a small ``W`` (..., k, m), computed as ``(Wᵀ Xᵀ)ᵀ``.
+
+    The same product, but BLAS writes m rows of n much faster than n rows of m when m is small (about 3x for 112
+    matrices of 64 × 4 on CPU), and the result is laid out as m × n, the layout the next ``Xᵀ Y`` reads fastest.
+    """
+    return _mT(_mT(w) @ _mT(x))
+
+
 def sym(a: torch.Tensor) -> torch.Tensor:
     """Symmetric part ``(A + Aᵀ) / 2``."""
     return 0.5 * (a + _mT(a))
@@ -36,13 +45,13 @@ def riemannian_gradient(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
     This is the gradient under the canonical metric; it satisfies ``Xᵀ G' + G'ᵀ X = 0`` (tangent).
     """
     x, grad = _f32(x), _f32(grad)
-    return grad - x @ (_mT(grad) @ x)
+    return grad - _times_small(x, _mT(grad) @ x)
 
 
 def project_tangent(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection onto the tangent space at ``X``: ``Δ − X sym(Xᵀ Δ)``."""
     x, delta = _f32(x), _f32(delta)
-    return delta - x @ sym(_mT(x) @ delta)
+    return delta - _times_small(x, sym(_mT(x) @ delta))
 
 
 def _svd_driver(t: torch.Tensor) -> str | None:
@@ -50,11 +59,37 @@ def _svd_driver(t: torch.Tensor) -> str | None:
     return "gesvda" if t.is_cuda else None
 
 
-def polar(a: torch.Tensor) -> torch.Tensor:
-    """Orthonormal polar factor ``P Qᵀ`` of ``A = P Σ Qᵀ`` (thin, batched SVD)."""
-    a = _f32(a)
+def _polar_svd(a: torch.Tensor) -> torch.Tensor:
     p, _, qh = torch.linalg.svd(a, full_matrices=False, driver=_svd_driver(a))
-    return p @ qh
+    return _times_small(p, qh)
+
+
+# The Gram route squares the condition number of A; past κ(A) = 2 (this ratio of the smallest to the largest
+# eigenvalue of AᵀA) its float32 error would grow beyond the SVD's, so those matrices take the SVD. A retraction
+# stays far inside: for a tangent Δ, (X + Δ)ᵀ(X + Δ) = I + ΔᵀΔ, and κ = 2 needs a step of spectral norm √3.
+_GRAM_MIN_EIGENVALUE_RATIO = 0.25
+
+
+def polar(a: torch.Tensor) -> torch.Tensor:
+    """Orthonormal polar factor ``P Qᵀ`` of ``A = P Σ Qᵀ`` (thin), batched.
+
+    On CUDA: the thin SVD with cuSOLVER's ``gesvda``. Elsewhere: ``A (AᵀA)^(-1/2)`` from the eigendecomposition
+    ``AᵀA = Q Λ Qᵀ`` of the small r × r Gram matrix, since a batched SVD on CPU is one LAPACK call per tall matrix
+    while one batched r × r ``eigh`` and two batched products cost a fraction of it (112 matrices of 64 × 4:
+    about 2x less; 192 of 4096 × 32: 3x less). On an H100 the two were about as fast (``gesvda`` a little ahead
+    for r = 4), so CUDA keeps the spec's driver. Ill-conditioned matrices (see `_GRAM_MIN_EIGENVALUE_RATIO`),
+    rank-deficient or non-finite ones included, take the thin SVD as well.
+    """
+    a = _f32(a)
+    if a.is_cuda:
+        return _polar_svd(a)
+    eigenvalues, q = torch.linalg.eigh(_mT(a) @ a)  # ascending
+    out = _times_small(a, (q * eigenvalues.rsqrt().unsqueeze(-2)) @ _mT(q))
+    well = eigenvalues[..., 0] >= _GRAM_MIN_EIGENVALUE_RATIO * eigenvalues[..., -1]  # False for NaN too
+    if not well.all():
+        ill = ~well
+        out[ill] = _polar_svd(a[ill])
+    return out
 
 
 def retract_polar(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -70,7 +105,7 @@ def _newton_schulz_correction(x: torch.Tensor) -> torch.Tensor:
     after 1,000 AdamW steps). Polar and QR project and need no correction.
     """
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
-    return x @ (1.5 * eye - 0.5 * (_mT(x) @ x))
+    return _times_small(x, 1.5 * eye - 0.5 * (_mT(x) @ x))
 
 
 def retract_exp(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -82,11 +117,11 @@ def retract_exp(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     x, delta = _f32(x), _f32(delta)
     r = x.shape[-1]
     a = _mT(x) @ delta
-    q, rr = torch.linalg.qr(delta - x @ a)
+    q, rr = torch.linalg.qr(delta - _times_small(x, a))
     top = torch.cat([a, -_mT(rr)], dim=-1)
     bottom = torch.cat([rr, torch.zeros_like(rr)], dim=-1)
     block = torch.linalg.matrix_exp(torch.cat([top, bottom], dim=-2))
-    return _newton_schulz_correction(torch.cat([x, q], dim=-1) @ block[..., :, :r])
+    return _newton_schulz_correction(_times_small(torch.cat([x, q], dim=-1), block[..., :, :r]))
 
 
 def qr_orthonormal(a: torch.Tensor) -> torch.Tensor:
@@ -113,12 +148,12 @@ def retract_cayley(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     (Our addition, as in Wen & Yin 2013; not in the paper.)
     """
     x, delta = _f32(x), _f32(delta)
-    p = delta - 0.5 * x @ (_mT(x) @ delta)
+    p = delta - 0.5 * _times_small(x, _mT(x) @ delta)
     left = torch.cat([p, x], dim=-1)
     right = torch.cat([x, -p], dim=-1)
     eye = torch.eye(left.shape[-1], dtype=x.dtype, device=x.device)
     small = eye - 0.5 * (_mT(right) @ left)
-    return _newton_schulz_correction(x + left @ torch.linalg.solve(small, _mT(right) @ x))
+    return _newton_schulz_correction(x + _times_small(left, torch.linalg.solve(small, _mT(right) @ x)))
 
 
 _RETRACTION_FUNCTIONS = {
@@ -150,7 +185,9 @@ def riemannian_update(
     broadcastable to the batch (one factor per matrix).
     """
     x_old = _f32(x_old)
-    delta = (_f32(x_new) - x_old) * step_scale
+    delta = _f32(x_new) - x_old
+    if isinstance(step_scale, torch.Tensor) or step_scale != 1.0:
+        delta = delta * step_scale
     return retract(x_old, project_tangent(x_old, delta), method)
 
 

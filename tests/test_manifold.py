@@ -131,3 +131,39 @@ def test_unknown_retraction_is_rejected():
     x = _stiefel(1, 8, 2)
     with pytest.raises(ValueError, match="Unknown retraction"):
         manifold.retract(x, x, "householder")
+
+
+def _polar_reference(a: torch.Tensor) -> np.ndarray:
+    p, _, qt = np.linalg.svd(a.double().numpy(), full_matrices=False)
+    return p @ qt
+
+
+@pytest.mark.parametrize("shape", [(16, 64, 4), (3, 4096, 32), (4, 9, 1)])
+def test_polar_of_training_sized_steps_matches_float64_svd(shape):
+    """The Gram route (CPU) on steps the size an optimizer takes: equal to the SVD polar factor, orthonormal."""
+    x = _stiefel(*shape)
+    a = x + _tangent(x, size=1e-3)
+    got = manifold.polar(a)
+    np.testing.assert_allclose(got.numpy(), _polar_reference(a), atol=2e-6)
+    assert manifold.orthonormality_error(got) < 1e-5
+
+
+def test_ill_conditioned_matrices_and_only_those_take_the_svd(monkeypatch):
+    x = _stiefel(5, 30, 4)
+    a = x + _tangent(x, size=0.1)
+    a[1, :, 2] *= 1e-3  # κ ≈ 1e3
+    a[3] = x[3] @ torch.diag(torch.tensor([1.0, 1.0, 1.0, 0.4]))  # κ = 2.5: just past the threshold
+    seen = []
+
+    def recording_svd(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.shape[0])
+        return polar_svd(t)
+
+    polar_svd = manifold._polar_svd
+    monkeypatch.setattr(manifold, "_polar_svd", recording_svd)
+    got = manifold.polar(a)
+    assert seen == [2]
+    np.testing.assert_allclose(got.numpy(), _polar_reference(a), atol=2e-6)
+    monkeypatch.setattr(manifold, "_polar_svd", polar_svd)
+    for i in range(5):  # one matrix at a time takes the same route
+        np.testing.assert_allclose(manifold.polar(a[i]).numpy(), _polar_reference(a[i]), atol=2e-6)
