@@ -59,6 +59,27 @@ def test_linear_forward_equals_formula(diag_s, use_rslora):
     torch.testing.assert_close(layer(x), expected, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("diag_s", [False, True])
+@pytest.mark.parametrize("alpha", [3, 5])  # α = r skips the scaling, α ≠ r folds it into S
+def test_folded_forward_has_the_gradients_of_the_three_factor_formula(diag_s, alpha):
+    """S (and s) are folded into Vᵀ before the input is touched; outputs and U, S, Vt gradients are unchanged."""
+    model = _stella(r=3, alpha=alpha, diag_s=diag_s)
+    _perturb(model)
+    x, img = torch.randn(5, 12), torch.randn(2, 16, 3, 3)
+    for layer, inputs in ((model.base_model.model.fc1, x), (model.base_model.model.pw, img)):
+        factors = [layer.stella_U["default"], layer.stella_S["default"], layer.stella_Vt["default"]]
+        got = torch.autograd.grad(layer(inputs).square().sum(), factors)
+        u, s, vt = factors
+        delta = layer.scaling["default"] * u @ (torch.diag(s) if diag_s else s) @ vt  # (out, in)
+        if inputs.ndim == 2:
+            expected = layer.base_layer(inputs) + inputs @ delta.T
+        else:
+            expected = layer.base_layer(inputs) + nn.functional.conv2d(inputs, delta[:, :, None, None])
+        torch.testing.assert_close(layer(inputs), expected, atol=1e-5, rtol=1e-5)
+        for g, e in zip(got, torch.autograd.grad(expected.square().sum(), factors), strict=True):
+            torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-5)
+
+
 def test_conv1d_and_1x1_conv2d_equal_their_merged_weights():
     model = _stella(r=3)
     _perturb(model)

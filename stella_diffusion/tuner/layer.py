@@ -27,6 +27,16 @@ def times_s(u: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return u * s if s.ndim == 1 else u @ s
 
 
+def s_times(s: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    """``S Vᵀ`` (r × in) for a full (r × r) or a diagonal (r values) ``S``."""
+    return s[:, None] * vt if s.ndim == 1 else s @ vt
+
+
+def _scaled(s: torch.Tensor, scaling: float) -> torch.Tensor:
+    # α = r (scale 1, the paper's text-to-image setting) needs no multiplication, forward or backward
+    return s if scaling == 1.0 else scaling * s
+
+
 class StellaLayer(BaseTunerLayer):
     """State and math shared by every StelLA layer type (one entry per adapter name in each dict)."""
 
@@ -166,14 +176,19 @@ class StellaLayer(BaseTunerLayer):
         return True
 
     def _adapter_output(self, x: torch.Tensor, adapter: str) -> torch.Tensor:
-        """``s · U S Vᵀ dropout(x)`` (minus the frozen start), through the layer's own map type."""
+        """``s · U S Vᵀ dropout(x)`` (minus the frozen start), through the layer's own map type.
+
+        ``s · S`` is folded into ``Vᵀ`` first (r × r times r × in, no activation involved), so the input passes
+        through two maps, ``in → r → out``, as in LoRA, instead of three plus a scaling.
+        """
         u, s, vt = self.stella_U[adapter], self.stella_S[adapter], self.stella_Vt[adapter]
         x = self._cast_input_dtype(x, u.dtype)
-        out = self._apply_factors(self.stella_dropout[adapter](x), u, s, vt)
+        scaling = self.scaling[adapter]
+        out = self._apply_factors(self.stella_dropout[adapter](x), u, s_times(_scaled(s, scaling), vt))
         if adapter in self.stella_U0:
-            start = (self.stella_U0[adapter], self.stella_S0[adapter], self.stella_Vt0[adapter])
-            out = out - self._apply_factors(x, *start)
-        return self.scaling[adapter] * out
+            start = s_times(_scaled(self.stella_S0[adapter], scaling), self.stella_Vt0[adapter])
+            out = out - self._apply_factors(x, self.stella_U0[adapter], start)
+        return out
 
 class _StellaModule(nn.Module, StellaLayer):
     """A StelLA layer as an `nn.Module`; subclasses say how the three factors act on an input."""
@@ -185,7 +200,8 @@ class _StellaModule(nn.Module, StellaLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, alpha, config)
 
-    def _apply_factors(self, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    def _apply_factors(self, x: torch.Tensor, u: torch.Tensor, svt: torch.Tensor) -> torch.Tensor:
+        """``U (S Vᵀ) x`` with the r × in ``S Vᵀ`` already multiplied out."""
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -208,17 +224,14 @@ class _StellaModule(nn.Module, StellaLayer):
 class Linear(_StellaModule):
     """StelLA on `nn.Linear` and on transformers' `Conv1D` (GPT-2, weight stored as (in, out))."""
 
-    def _apply_factors(self, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
-        h = F.linear(x, vt)
-        h = h * s if s.ndim == 1 else F.linear(h, s)
-        return F.linear(h, u)
+    def _apply_factors(self, x: torch.Tensor, u: torch.Tensor, svt: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, svt), u)
 
 
 class Conv2d(_StellaModule):
     """StelLA on a 1×1 `nn.Conv2d` (a linear map over channels; the first factor keeps stride and padding)."""
 
-    def _apply_factors(self, x: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vt: torch.Tensor) -> torch.Tensor:
+    def _apply_factors(self, x: torch.Tensor, u: torch.Tensor, svt: torch.Tensor) -> torch.Tensor:
         base = self.get_base_layer()
-        h = F.conv2d(x, vt[:, :, None, None], stride=base.stride, padding=base.padding, dilation=base.dilation)
-        h = h * s[None, :, None, None] if s.ndim == 1 else F.conv2d(h, s[:, :, None, None])
+        h = F.conv2d(x, svt[:, :, None, None], stride=base.stride, padding=base.padding, dilation=base.dilation)
         return F.conv2d(h, u[:, :, None, None])
