@@ -192,3 +192,73 @@ def test_steps_without_gradients_for_some_factors():
         before = first.stella_U["default"].detach().clone()
         opt.step()
     torch.testing.assert_close(first.stella_U["default"].detach(), before, atol=0, rtol=0)
+
+
+def test_factors_of_one_shape_with_different_gradient_scales_share_a_batch():
+    """Two models with different reference widths in one optimizer: each factor is scaled by its own c."""
+    torch.manual_seed(0)
+    first = _regression_model()  # tall dims 10, 32, 32, 32, 32, 3: c = 32
+    second = get_peft_model(nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 64)),
+                            StellaConfig(target_modules=["0", "2"], r=3))  # tall dims 64, 32, 64, 64: c = 64
+    opt = torch.optim.SGD([*stella_parameter_groups(first), *stella_parameter_groups(second)], lr=0.1)
+    hooks = make_riemannian(opt, [first, second])
+    x, y = _task(16)
+    loss = nn.functional.mse_loss(first(x), y) + second(torch.randn(16, 32)).square().mean()
+    loss.backward()
+    def tall(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().double().T if t.shape[0] < t.shape[1] else t.detach().double()
+
+    before = [(f, tall(f.param), tall(f.param.grad)) for f in hooks.factors]
+    assert len({f.step_scale for f in hooks.factors if max(f.param.shape) == 32}) == 2  # in one (32, 3) batch
+    opt.step()
+    for f, u, g in before:
+        delta = -0.1 * (g - u @ (g.T @ u)) * f.step_scale
+        delta = delta - u @ (0.5 * (u.T @ delta + delta.T @ u))
+        p, _, qt = torch.linalg.svd(u + delta, full_matrices=False)
+        torch.testing.assert_close(tall(f.param), p @ qt, atol=1e-6, rtol=0)
+
+
+def test_orthonormality_error_is_the_largest_over_all_factors():
+    model = _regression_model()
+    opt = create_stella_optimizer(model, torch.optim.SGD, lr=0.1)
+    with torch.no_grad():
+        stiefel_parameters(model)[3].add_(1e-3)
+    assert opt.stella.orthonormality_error() == pytest.approx(_max_error(model), rel=1e-12)
+
+
+def test_parameters_added_to_the_optimizer_later_are_checked_too():
+    """The step's plan is rebuilt when the optimizer's parameters change: a NaN there still skips the step."""
+    model = _regression_model()
+    opt = create_stella_optimizer(model, torch.optim.SGD, lr=0.1)
+    extra = nn.Parameter(torch.zeros(3))
+    x, y = _task(16)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    opt.add_param_group({"params": [extra]})
+    nn.functional.mse_loss(model(x) + extra, y).backward()
+    extra.grad[0] = float("inf")
+    with pytest.warns(UserWarning, match="Non-finite"):
+        opt.step()
+    assert opt.stella.last_step_skipped
+
+
+@pytest.mark.parametrize("nan_in", ["S", "U"])
+def test_bfloat16_training_steps_and_skips_non_finite_steps(nan_in):
+    """bfloat16 gradients take the plain finite check (GradScaler's fused kernel lacks them on CUDA)."""
+    model = _regression_model().to(torch.bfloat16)
+    opt = create_stella_optimizer(model, torch.optim.AdamW, lr=1e-2)
+    x, y = _task(16)
+    for _ in range(3):
+        nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+        opt.step()
+        opt.zero_grad()
+    assert not opt.stella.last_step_skipped and _max_error(model) < 2e-2  # bfloat16 keeps ~3 digits
+    nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
+    layer = model.base_model.model[2]
+    (layer.stella_S if nan_in == "S" else layer.stella_U)["default"].grad[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    with pytest.warns(UserWarning, match="Non-finite"):
+        opt.step()
+    after = [p.detach() for p in model.parameters() if p.requires_grad]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
