@@ -171,7 +171,7 @@ class HookTimer:
     The library registers ``RiemannianHooks._pre_step`` / ``_post_step`` as the optimizer's only step hooks;
     they are unregistered and the same bound methods registered again behind a timer, so the hooks run
     unchanged and in the same place. The finite-gradient check inside the pre-hook is timed too (an instance
-    attribute shadows the method), because it is a large share of that hook.
+    attribute shadows the method), to tell it apart from the manifold work.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, clock: Clock) -> None:
