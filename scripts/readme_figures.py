@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The README's figures of the embedded base: docs/base-samples.png and docs/tiny-demo.png.
 
-    python scripts/readme_figures.py                  # after `python train_dreambooth_stella.py --config configs/tiny-demo.yaml`
+    python train_dreambooth_stella.py --config configs/tiny-demo.yaml   # first: the demo run
+    python scripts/readme_figures.py
 
 ``base-samples.png``: the committed base on its check prompts (generation_defaults.json), 6 seeds each, with the
 shape and colour the domain classifier reads. ``tiny-demo.png``: the first evaluation images of the demo run,
