@@ -8,7 +8,6 @@ share of images shows what each prompt asked for (shape, colour, style, ...). Th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from .domain_classifier import DomainClassifier, DomainFeatures, domain_feature_extractor, prompted_accuracy
-from .generate import generate_images, read_prompts
+from .generate import generate_images, read_jsonl, read_prompts
 from .images import load_image
 from .inception import load_feature_extractor
 from .metrics import StreamingFID, compute_fid
@@ -49,14 +48,8 @@ def read_eval_prompts(path: str | Path) -> list[EvalPrompt]:
     if path.suffix != ".jsonl":
         return [EvalPrompt(text) for text in read_prompts(path)]
     prompts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text = row.get("text", row.get("prompt"))
-        except (json.JSONDecodeError, AttributeError) as err:
-            raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}") from err
+    for number, row in read_jsonl(path):
+        text = row.get("text", row.get("prompt"))
         if not isinstance(text, str) or not text.strip():
             raise ValueError(f"{path}:{number} has no 'text' (or 'prompt') string.")
         expected = {k: v for k, v in row.items() if k not in _NOT_ATTRIBUTES and isinstance(v, str)}

@@ -30,6 +30,26 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
+    """The JSON objects of a ``.jsonl`` file with their line numbers (from 1); blank lines are skipped.
+
+    A line that is not a JSON object raises ``ValueError`` naming the file and the line, so a caller can say
+    which row of a hand-edited ``metadata.jsonl`` is broken.
+    """
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
+        rows.append((number, row))
+    return rows
+
+
 def load_adapter(pipe: DiffusionPipeline, adapter_dir: str | Path) -> str:
     """Load a LoRA export (``pytorch_lora_weights.safetensors``) or a native StelLA checkpoint into ``pipe``.
 

@@ -121,6 +121,38 @@ def lora_metadata(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     }
 
 
+def save_lora_state_dicts(
+    output_dir: str | Path,
+    pipeline_cls: type,
+    states: Mapping[str, tuple[dict[str, torch.Tensor], dict[str, Any]]],
+) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` through ``pipeline_cls.save_lora_weights``.
+
+    ``states`` maps pipeline component names (``unet``, ``transformer``, ``text_encoder``, ...) to a peft
+    LoRA state dict and its adapter metadata (``lora_metadata``); components the saver has no argument for
+    are an error, so nothing is silently left out of the file.
+    """
+    saver = getattr(pipeline_cls, "save_lora_weights", None)
+    if saver is None:
+        raise ValueError(
+            f"{pipeline_cls.__name__} has no LoRA loader in diffusers, so no export of it can be loaded with "
+            "`load_lora_weights` (PixArt is such a pipeline: use Sana, SD3 or Flux). Save the native StelLA "
+            "checkpoint with `save_stella_checkpoint` instead."
+        )
+    accepted = inspect.signature(saver).parameters
+    kwargs: dict[str, Any] = {}
+    for component, (state, metadata) in states.items():
+        if f"{component}_lora_layers" not in accepted:
+            raise ValueError(f"{pipeline_cls.__name__}.save_lora_weights cannot save adapters of `{component}`.")
+        kwargs[f"{component}_lora_layers"] = state
+        if f"{component}_lora_adapter_metadata" in accepted:
+            kwargs[f"{component}_lora_adapter_metadata"] = metadata
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    saver(output_dir, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs)
+    return output_dir / LORA_WEIGHT_NAME
+
+
 def save_lora_export(
     output_dir: str | Path,
     pipeline_cls: type,
@@ -132,30 +164,14 @@ def save_lora_export(
     ``components`` maps pipeline component names (``unet``, ``transformer``, ``text_encoder``, ...) to models
     that carry StelLA adapters; saving goes through the pipeline class's own ``save_lora_weights``.
     """
-    saver = getattr(pipeline_cls, "save_lora_weights", None)
-    if saver is None:
-        raise ValueError(
-            f"{pipeline_cls.__name__} has no LoRA loader in diffusers, so no export of it can be loaded with "
-            "`load_lora_weights` (PixArt is such a pipeline: use Sana, SD3 or Flux). Save the native StelLA "
-            "checkpoint with `save_stella_checkpoint` instead."
-        )
-    accepted = inspect.signature(saver).parameters
-    kwargs: dict[str, Any] = {}
+    states = {}
     for component, model in components.items():
         state = stella_lora_state_dict(model, adapter_name)
-        if not state:
-            continue
-        if f"{component}_lora_layers" not in accepted:
-            raise ValueError(f"{pipeline_cls.__name__}.save_lora_weights cannot save adapters of `{component}`.")
-        kwargs[f"{component}_lora_layers"] = state
-        if f"{component}_lora_adapter_metadata" in accepted:
-            kwargs[f"{component}_lora_adapter_metadata"] = lora_metadata(state)
-    if not kwargs:
+        if state:
+            states[component] = (state, lora_metadata(state))
+    if not states:
         raise ValueError(f"No StelLA adapter named {adapter_name!r} found in the given components.")
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    saver(output_dir, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs)
-    return output_dir / LORA_WEIGHT_NAME
+    return save_lora_state_dicts(output_dir, pipeline_cls, states)
 
 
 def _config_for_file(config: StellaConfig) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.data import Dataset, Sampler
 
 from .evaluation import EvalPrompt, build_fid_metric, cycle_prompts, read_eval_prompts
+from .generate import METADATA_FILE, read_jsonl
 from .images import UnreadableImageWarning, to_rgb
 from .metrics import StreamingFID
 from .optim import make_riemannian, stella_parameter_groups
@@ -47,11 +48,11 @@ from .pipelines import (
     load_stella_checkpoint,
     lora_metadata,
     save_lora_export,
+    save_lora_state_dicts,
     save_stella_checkpoint,
 )
 
 ADAPTERS = ("stella", "lora", "dora", "pissa")
-METADATA_FILE = "metadata.jsonl"
 PEFT_WEIGHT_NAME = "peft_adapter.safetensors"
 ADAPTER_SETTINGS_NAME = "adapter_settings.json"
 PLOT_NAME = "training_curves.png"
@@ -303,14 +304,12 @@ def captioned_records(folder: str | Path, caption_column: str = "text") -> list[
     metadata = folder / METADATA_FILE
     if not metadata.is_file():
         raise TrainingError(f"--instance_data_dir {folder} has no {METADATA_FILE} (needed for --caption_column).")
+    try:
+        rows = read_jsonl(metadata)
+    except ValueError as err:
+        raise TrainingError(str(err)) from err
     records = []
-    for number, line in enumerate(metadata.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TrainingError(f"{metadata} line {number} is not JSON: {err}.") from err
+    for number, row in rows:
         if "file_name" not in row or caption_column not in row:
             raise TrainingError(
                 f"{metadata} line {number} needs 'file_name' and the caption column {caption_column!r}; "
@@ -847,18 +846,14 @@ def save_peft_lora_export(
     initial_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
 ) -> Path:
     """The baselines' export through ``pipeline_cls.save_lora_weights``, with alpha = r metadata like StelLA's."""
-    kwargs: dict[str, Any] = {}
+    states = {}
     for name, model in components.items():
         state = plain_lora_state_dict(model, (initial_states or {}).get(name))
         metadata = lora_metadata(state)
         if any("lora_magnitude_vector" in k for k in state):
             metadata["use_dora"] = True
-        kwargs[f"{name}_lora_layers"] = state
-        kwargs[f"{name}_lora_adapter_metadata"] = metadata
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    pipeline_cls.save_lora_weights(output_dir, weight_name=LORA_WEIGHT_NAME, safe_serialization=True, **kwargs)
-    return output_dir / LORA_WEIGHT_NAME
+        states[name] = (state, metadata)
+    return save_lora_state_dicts(output_dir, pipeline_cls, states)
 
 
 def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:

@@ -32,6 +32,7 @@ from stella_diffusion.training import (
     AdapterSpec,
     PromptEncoder,
     TrainingError,
+    captioned_records,
     folder_images,
     save_peft_lora_export,
 )
@@ -129,6 +130,23 @@ def test_non_images_are_skipped_with_a_warning_naming_them(tmp_path):
     assert len(images) == 2
     messages = " ".join(str(w.message) for w in caught)
     assert "notes.txt" in messages and "broken.png" in messages
+
+
+def test_captioned_metadata_rows_are_checked_line_by_line(tmp_path):
+    folder = captioned_folder(tmp_path / "data", n=3)
+    metadata = folder / "metadata.jsonl"
+    rows = metadata.read_text().splitlines()
+    assert [r.prompt for r in captioned_records(folder)] == [json.loads(row)["text"] for row in rows]
+
+    metadata.write_text("\n".join([rows[0], "", rows[1], '{"file_name": "x.png"']) + "\n")
+    with pytest.raises(TrainingError, match=r"metadata.jsonl:4 is not a JSON object"):
+        captioned_records(folder)
+    metadata.write_text("\n".join([rows[0], '{"file_name": "0001.png"}']) + "\n")
+    with pytest.raises(TrainingError, match=r"line 2 needs 'file_name' and the caption column 'text'"):
+        captioned_records(folder)
+    metadata.write_text("\n".join([rows[0], json.dumps({"file_name": "gone.png", "text": "a"})]) + "\n")
+    with pytest.warns(UnreadableImageWarning, match="gone.png"):
+        assert len(captioned_records(folder)) == 1
 
 
 def _bad_inputs(sd_pipeline, concept_dir, tmp_path):
