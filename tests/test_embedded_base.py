@@ -93,3 +93,29 @@ def test_base_draws_the_prompted_shape_and_colour(pipe: StableDiffusionPipeline,
         for shape, colour, c in zip(predicted["shape"], predicted["colour"], expected, strict=True)
     ]
     assert sum(hits) / len(hits) >= 0.8, (sum(hits), len(hits))
+
+
+@pytest.mark.slow
+def test_pretraining_script_makes_a_loadable_base_and_reports_the_vae_from_scratch_and_continued(tmp_path) -> None:
+    """A few steps of scripts/pretrain_tiny_base.py (the script that made the committed base), then a second
+    stage continued from the first: both save a pipeline and report a finite VAE reconstruction error."""
+    import math
+    import subprocess
+    import sys
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_base.py"
+    tiny = ["--threads", "1", "--images", "64", "--vae-steps", "2", "--steps", "2", "--batch-size", "4",
+            "--vae-batch-size", "4", "--inference-steps", "2", "--guidance-scales", "2", "--check-per-prompt", "1"]
+    stages = [["--output", str(tmp_path / "stage1")],
+              ["--output", str(tmp_path / "stage2"), "--init-from", str(tmp_path / "stage1"), "--seed", "1"]]
+    for stage in stages:
+        done = subprocess.run([sys.executable, str(script), *tiny, *stage], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        stats = json.loads(done.stdout[done.stdout.index("{\n"):])
+        mse = stats["VAE reconstruction MSE (posterior mean, first 512 images, [-1, 1] scale)"]
+        assert math.isfinite(mse) and mse > 0
+        assert f"| {mse} |" in Path(stage[1], "TRAINING.md").read_text()
+    continued = StableDiffusionPipeline.from_pretrained(tmp_path / "stage2")
+    first = StableDiffusionPipeline.from_pretrained(tmp_path / "stage1")
+    assert torch.equal(continued.vae.encoder.conv_in.weight, first.vae.encoder.conv_in.weight)
+    assert not torch.equal(continued.unet.conv_in.weight, first.unet.conv_in.weight)
