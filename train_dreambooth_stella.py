@@ -63,6 +63,7 @@ from stella_diffusion.training import (
     derived_seed,
     diffusion_loss,
     dreambooth_records,
+    enable_xformers,
     encode_latents,
     evaluation_setup,
     generate_class_images,
@@ -312,7 +313,7 @@ def main(args: argparse.Namespace) -> None:
     pipe.to(accelerator.device)
     denoiser = components[DENOISER[family]]
     if args.enable_xformers_memory_efficient_attention:
-        denoiser.enable_xformers_memory_efficient_attention()
+        enable_xformers(denoiser)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for name in trained_names[1:]:

@@ -856,6 +856,23 @@ def save_peft_lora_export(
     return save_lora_state_dicts(output_dir, pipeline_cls, states)
 
 
+def enable_xformers(model: nn.Module) -> None:
+    """diffusers' xformers switch, with one clear error where xformers is installed but cannot run.
+
+    An xformers wheel built for another torch imports fine but has no CUDA kernel (diffusers' probe then raises
+    "No operator found"); on CPU diffusers refuses it outright.
+    """
+    try:
+        model.enable_xformers_memory_efficient_attention()
+    except (NotImplementedError, ValueError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[0].rstrip(":") if str(err).strip() else type(err).__name__
+        raise TrainingError(
+            f"--enable_xformers_memory_efficient_attention: xformers cannot run here ({reason}). It needs a CUDA "
+            f"GPU and an xformers build for torch {torch.__version__}; without the flag PyTorch's own "
+            "scaled-dot-product attention is used."
+        ) from err
+
+
 def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     """Cast the model to ``dtype`` but keep every trainable parameter's float32 values untouched.
 

@@ -7,6 +7,8 @@ import torch
 
 from stella_diffusion import manifold
 
+from ._devices import DEVICES, needs_cuda
+
 SHAPES = [(3, 40, 4), (2, 16, 16), (5, 9, 1)]
 
 
@@ -76,13 +78,15 @@ def _reference(method: str, x: np.ndarray, d: np.ndarray) -> np.ndarray:
     raise AssertionError(method)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", manifold.RETRACTIONS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_retraction_matches_float64_reference_and_stays_on_manifold(method, shape):
+def test_retraction_matches_float64_reference_and_stays_on_manifold(method, shape, device):
     x = _stiefel(*shape)
     d = _tangent(x)
-    got = manifold.retract(x, d, method)
+    got = manifold.retract(x.to(device), d.to(device), method)
     assert manifold.orthonormality_error(got) < 2e-6
+    got = got.cpu()
     for i in range(shape[0]):
         expected = _reference(method, x[i].double().numpy(), d[i].double().numpy())
         np.testing.assert_allclose(got[i].numpy(), expected, atol=2e-6)
@@ -104,10 +108,11 @@ def test_retractions_agree_to_first_order(method):
     assert (moved - x.double() - t * d.double()).abs().max() < 10 * t**2
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", manifold.RETRACTIONS)
-def test_batched_equals_one_at_a_time(method):
-    x = _stiefel(6, 24, 4)
-    d = _tangent(x)
+def test_batched_equals_one_at_a_time(method, device):
+    x = _stiefel(6, 24, 4).to(device)
+    d = _tangent(x.cpu()).to(device)
     batched = manifold.retract(x, d, method)
     single = torch.stack([manifold.retract(x[i], d[i], method) for i in range(6)])
     torch.testing.assert_close(batched, single, atol=1e-6, rtol=0)
@@ -138,14 +143,32 @@ def _polar_reference(a: torch.Tensor) -> np.ndarray:
     return p @ qt
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(16, 64, 4), (3, 4096, 32), (4, 9, 1)])
-def test_polar_of_training_sized_steps_matches_float64_svd(shape):
-    """The Gram route (CPU) on steps the size an optimizer takes: equal to the SVD polar factor, orthonormal."""
+def test_polar_of_training_sized_steps_matches_float64_svd(shape, device):
+    """On steps the size an optimizer takes (Gram route on CPU, ``gesvda`` on CUDA): equal to the SVD polar
+    factor, orthonormal."""
     x = _stiefel(*shape)
     a = x + _tangent(x, size=1e-3)
-    got = manifold.polar(a)
-    np.testing.assert_allclose(got.numpy(), _polar_reference(a), atol=2e-6)
+    got = manifold.polar(a.to(device))
     assert manifold.orthonormality_error(got) < 1e-5
+    np.testing.assert_allclose(got.cpu().numpy(), _polar_reference(a), atol=2e-6)
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_cuda_polar_takes_cusolvers_gesvda_driver(monkeypatch):
+    seen = []
+    svd = torch.linalg.svd
+
+    def recording_svd(*args, **kwargs):
+        seen.append(kwargs.get("driver"))
+        return svd(*args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "svd", recording_svd)
+    x = _stiefel(8, 4096, 32).cuda()
+    manifold.retract(x, _tangent(x.cpu(), size=1e-3).cuda(), "polar")
+    assert seen == ["gesvda"]
 
 
 def test_ill_conditioned_matrices_and_only_those_take_the_svd(monkeypatch):

@@ -17,6 +17,8 @@ from stella_diffusion import (
     stiefel_parameters,
 )
 
+from ._devices import DEVICES
+
 
 def _regression_model(**config) -> nn.Module:
     net = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
@@ -34,11 +36,12 @@ def _max_error(model: nn.Module) -> float:
     return float(max(manifold.orthonormality_error(t) for t in tall))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("retraction", RETRACTIONS)
-def test_thousand_adamw_steps_stay_orthonormal_and_learn(retraction):
-    model = _regression_model(retraction=retraction)
+def test_thousand_adamw_steps_stay_orthonormal_and_learn(retraction, device):
+    model = _regression_model(retraction=retraction).to(device)
     opt = create_stella_optimizer(model, torch.optim.AdamW, lr=5e-3, weight_decay=0.01)
-    x, y = _task()
+    x, y = (t.to(device) for t in _task())
     losses = []
     for _ in range(1000):
         loss = nn.functional.mse_loss(model(x), y)
@@ -101,11 +104,12 @@ def test_nan_gradient_skips_the_step_and_keeps_the_factors():
     assert not opt.stella.last_step_skipped
 
 
-def test_grad_scaler_overflow_retracts_nothing():
-    model = _regression_model()
+@pytest.mark.parametrize("device", DEVICES)
+def test_grad_scaler_overflow_retracts_nothing(device):
+    model = _regression_model().to(device)
     opt = create_stella_optimizer(model, torch.optim.AdamW, lr=1e-2)
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
-    x, y = _task(16)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
+    x, y = (t.to(device) for t in _task(16))
     before = [p.detach().clone() for p in stiefel_parameters(model)]
     scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
     stiefel_parameters(model)[1].grad.fill_(float("inf"))
@@ -243,12 +247,13 @@ def test_parameters_added_to_the_optimizer_later_are_checked_too():
     assert opt.stella.last_step_skipped
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("nan_in", ["S", "U"])
-def test_bfloat16_training_steps_and_skips_non_finite_steps(nan_in):
+def test_bfloat16_training_steps_and_skips_non_finite_steps(nan_in, device):
     """bfloat16 gradients take the plain finite check (GradScaler's fused kernel lacks them on CUDA)."""
-    model = _regression_model().to(torch.bfloat16)
+    model = _regression_model().to(device, torch.bfloat16)
     opt = create_stella_optimizer(model, torch.optim.AdamW, lr=1e-2)
-    x, y = _task(16)
+    x, y = (t.to(device) for t in _task(16))
     for _ in range(3):
         nn.functional.mse_loss(model(x.bfloat16()).float(), y).backward()
         opt.step()

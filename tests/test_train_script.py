@@ -11,6 +11,7 @@ import json
 import math
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -33,6 +34,7 @@ from stella_diffusion.training import (
     PromptEncoder,
     TrainingError,
     captioned_records,
+    enable_xformers,
     folder_images,
     save_peft_lora_export,
 )
@@ -147,6 +149,17 @@ def test_captioned_metadata_rows_are_checked_line_by_line(tmp_path):
     metadata.write_text("\n".join([rows[0], json.dumps({"file_name": "gone.png", "text": "a"})]) + "\n")
     with pytest.warns(UnreadableImageWarning, match="gone.png"):
         assert len(captioned_records(folder)) == 1
+
+
+def test_xformers_that_cannot_run_is_one_clear_error():
+    """An xformers wheel built for another torch imports, but diffusers' probe finds no kernel (seen on an H100)."""
+
+    def no_kernel() -> None:
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward` with inputs:\n ...")
+
+    denoiser = SimpleNamespace(enable_xformers_memory_efficient_attention=no_kernel)
+    with pytest.raises(TrainingError, match=r"xformers cannot run here \(No operator found for .*\)\. It needs"):
+        enable_xformers(denoiser)
 
 
 def _bad_inputs(sd_pipeline, concept_dir, tmp_path):
