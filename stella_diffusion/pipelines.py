@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftConfig, inject_adapter_in_model
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -54,10 +55,32 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return [t for t in TARGET_PRESETS[name] if any(n == t or n.endswith("." + t) for n in present)]
 
 
+def inject_adapter(model: nn.Module, config: PeftConfig, adapter_name: str = "default") -> None:
+    """Add a fresh peft adapter (StelLA, LoRA, DoRA, PiSSA, ...) to a diffusers or transformers model.
+
+    Goes through peft's public ``inject_adapter_in_model`` rather than the model's ``add_adapter``: transformers'
+    ``add_adapter`` refuses every peft older than the one its release pins, whereas the injection itself is
+    peft's and works with any peft we support. The config is recorded in ``model.peft_config``, where peft's
+    state-dict helpers, the models' own adapter methods and the Riemannian optimizer look for it.
+
+    Args:
+        model: a diffusers `ModelMixin` or a transformers `PreTrainedModel` (any `nn.Module` works).
+        config: the adapter's peft config.
+        adapter_name: the name of the new adapter; an existing name is an error.
+    """
+    configs = dict(getattr(model, "peft_config", None) or {})
+    if adapter_name in configs:
+        raise ValueError(f"The model already has an adapter named {adapter_name!r}.")
+    inject_adapter_in_model(config, model, adapter_name)
+    model.peft_config = {**configs, adapter_name: config}
+    if hasattr(model, "_hf_peft_config_loaded"):  # diffusers' / transformers' mixins: "an adapter is loaded"
+        model._hf_peft_config_loaded = True
+
+
 def add_stella_adapter(
     model: nn.Module, config: StellaConfig | None = None, adapter_name: str = "default", **config_kwargs: Any
 ) -> StellaConfig:
-    """Add a StelLA adapter through the model's own ``add_adapter`` (diffusers / transformers PEFT mixins).
+    """Add a StelLA adapter to a diffusers or transformers model (see `inject_adapter`).
 
     Without ``target_modules`` the class preset is used. Returns the config actually used.
     """
@@ -67,7 +90,7 @@ def add_stella_adapter(
         raise TypeError("Pass either a StellaConfig or keyword arguments, not both.")
     if config.target_modules is None:
         config.target_modules = default_target_modules(model)
-    model.add_adapter(config, adapter_name=adapter_name)
+    inject_adapter(model, config, adapter_name)
     return config
 
 
@@ -252,7 +275,7 @@ def load_stella_checkpoint(
         plans.append((model, component, config))
     for model, component, config in plans:
         if not any(adapter_name in m.stella_U for m in _stella_modules(model).values()):
-            model.add_adapter(config, adapter_name=adapter_name)
+            inject_adapter(model, config, adapter_name)
             _check_compatible(component, tensors, _stella_modules(model), adapter_name)
         _copy_factors(component, tensors, _stella_modules(model), adapter_name)
     return {component: config for _, component, config in plans}

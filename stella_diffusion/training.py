@@ -45,6 +45,7 @@ from .pipelines import (
     NATIVE_WEIGHT_NAME,
     add_stella_adapter,
     default_target_modules,
+    inject_adapter,
     load_stella_checkpoint,
     lora_metadata,
     save_lora_export,
@@ -755,9 +756,9 @@ class AdapterSpec:
                                retraction=self.stella_retraction, grad_scaling=self.stella_grad_scaling)
             return
         init = {"lora": "gaussian", "dora": "gaussian", "pissa": "pissa"}[self.adapter]
-        model.add_adapter(LoraConfig(r=self.rank, lora_alpha=self.scale_alpha, lora_dropout=self.dropout,
-                                     init_lora_weights=init, use_dora=self.adapter == "dora",
-                                     target_modules=targets))
+        inject_adapter(model, LoraConfig(r=self.rank, lora_alpha=self.scale_alpha, lora_dropout=self.dropout,
+                                         init_lora_weights=init, use_dora=self.adapter == "dora",
+                                         target_modules=targets))
         if self.adapter == "pissa":
             # PiSSA moved the principal part of W into the adapter; the export subtracts this start again
             start = get_peft_model_state_dict(model)

@@ -1,10 +1,16 @@
-"""Shared test set-up: offline, deterministic, small thread count (CI has 2 cores)."""
+"""Shared test set-up: offline, deterministic, one thread (CI has 2 cores).
+
+Everything the tests need is set here, before torch is imported, so `python -m pytest` needs no environment
+variable: subprocesses inherit the same settings (offline hub, one OpenMP thread).
+"""
 
 import os
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+# one OpenMP thread here and in every subprocess: results compared across processes then match bit for bit
+os.environ["OMP_NUM_THREADS"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--num_threads", type=int, required=True)
     parser.add_argument("--pipeline", required=True)
     parser.add_argument("--lora", required=True)
     parser.add_argument("--prompt", required=True)
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     kwargs = json.loads(args.generation_kwargs)
+    torch.set_num_threads(args.num_threads)
     pipe = DiffusionPipeline.from_pretrained(args.pipeline, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
 

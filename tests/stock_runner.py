@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 SCRIPT = Path(__file__).with_name("stock_pipeline_script.py")
 
@@ -19,7 +20,9 @@ def run_stock(
     ``unloaded`` (unload_lora_weights) and ``fused`` (fuse_lora), generated with ``seed``."""
     out = Path(lora_dir) / "stock_images.npz"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    cmd = [sys.executable, str(SCRIPT), "--pipeline", str(pipeline_dir), "--lora", str(lora_dir),
+    # the parent's thread count: float32 sums are ordered by it, and the images are compared bit for bit
+    cmd = [sys.executable, str(SCRIPT), "--num_threads", str(torch.get_num_threads()),
+           "--pipeline", str(pipeline_dir), "--lora", str(lora_dir),
            "--prompt", prompt, "--seed", str(seed), "--generation_kwargs", json.dumps(generation_kwargs),
            "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
