@@ -10,7 +10,8 @@ outputs. ``--adapter lora|dora|pissa`` trains peft's baselines through the same 
     python train_dreambooth_stella.py --config configs/sd15-style-stella.yaml --instance_data_dir style/
 
 SD 1.x/2.x and SDXL (UNet, DDPM loss) and SD3 and Flux (transformer, flow matching) are told apart by the model
-folder's ``model_index.json``. The helpers live in ``stella_diffusion.training``.
+folder's ``model_index.json`` (``stella_diffusion.training.families``). The helpers live in
+``stella_diffusion.training``; the one StelLA-specific call is `make_riemannian` on the optimizer.
 """
 
 from __future__ import annotations
@@ -27,59 +28,20 @@ import diffusers
 import numpy as np
 import torch
 import transformers
-from accelerate import Accelerator, PartialState
+from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
-from diffusers import DDPMScheduler, DiffusionPipeline, FlowMatchEulerDiscreteScheduler
+from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from stella_diffusion.evaluation import evaluate_against_base
-from stella_diffusion.manifold import RETRACTIONS
-from stella_diffusion.training import (
-    ADAPTERS,
-    DENOISER,
-    EVAL_DIR,
-    HISTORY_NAME,
-    PLOT_NAME,
-    TEXT_ENCODERS,
-    TRAINABLE_TEXT_ENCODERS,
-    AdapterSpec,
-    DreamBoothDataset,
-    EpochShuffleSampler,
-    LossSettings,
-    PromptEncoder,
-    TrainingError,
-    TrainingHistory,
-    bool_or_float,
-    cast_frozen_parameters,
-    check_args,
-    check_finite_loss,
-    check_resume_compatible,
-    checkpoint_step,
-    collate_fn,
-    derived_seed,
-    diffusion_loss,
-    dreambooth_records,
-    enable_xformers,
-    encode_latents,
-    evaluation_setup,
-    generate_class_images,
-    image_grid,
-    is_captioned,
-    parse_args_with_config,
-    pipeline_family,
-    plot_training_curves,
-    prior_preservation_loss,
-    prune_checkpoints,
-    resolve_checkpoint,
-    sdxl_time_ids,
-    step_rng,
-    training_records,
-    write_model_card,
-)
+from stella_diffusion import RETRACTIONS, make_riemannian, stella_parameter_groups
+from stella_diffusion.evaluation.comparison import EvaluationError, evaluate_against_base, evaluation_setup
+from stella_diffusion.training import adapters, checkpoints, config, data, families, model_setup, outputs
+from stella_diffusion.training.config import TrainingError
+from stella_diffusion.training.families import prior_preservation_loss
 from stella_diffusion.tuner.config import INIT_METHODS
 
 logger = get_logger(__name__)
@@ -143,21 +105,21 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--eval_base", action=argparse.BooleanOptionalAction, default=True,
          help="Also score the base model (--no-eval_base skips it, e.g. in sweeps that score it once).")
     # adapter
-    flag("--adapter", type=str, default="stella", choices=ADAPTERS,
+    flag("--adapter", type=str, default="stella", choices=list(adapters.ADAPTERS),
          help="stella, or a peft baseline (lora, dora, pissa) trained the same way for comparisons.")
     flag("--rank", type=int, default=4, help="The rank of the adapter.")
     flag("--lora_alpha", type=float, default=None, help="The scale numerator: scale = alpha / rank (default: rank).")
     flag("--lora_dropout", type=float, default=0.0, help="Dropout on the adapter's input.")
     flag("--lora_layers", type=str, default=None,
          help="Comma-separated denoiser modules to adapt, e.g. 'to_q,to_k,to_v,to_out.0' (default: the attention "
-              "projections of the model class, stella_diffusion.pipelines.TARGET_PRESETS).")
+              "projections of the model class, stella_diffusion.integrations.diffusers.TARGET_PRESETS).")
     switch("--train_text_encoder", help="Also adapt the CLIP text encoder(s).")
     flag("--stella_retraction", type=str, default="polar", choices=RETRACTIONS,
          help="StelLA: the retraction that keeps U and V orthonormal.")
     flag("--stella_init", type=str, default="orthonormal", choices=INIT_METHODS,
          help="StelLA: random orthonormal U, V (the paper's default) or the top / bottom singular vectors of W.")
     switch("--stella_diag_s", help="StelLA: a diagonal S (r values) instead of a full r x r matrix.")
-    flag("--stella_grad_scaling", type=bool_or_float, default=True,
+    flag("--stella_grad_scaling", type=config.bool_or_float, default=True,
          help="StelLA: divide U/V steps by sqrt(n / c); true: c = hidden size, a number: c, false: off.")
     # loss
     flag("--snr_gamma", type=float, default=None,
@@ -209,7 +171,7 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
          help="Overrides the accelerate config; trainable parameters stay float32 in every case.")
     switch("--allow_tf32", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     switch("--enable_xformers_memory_efficient_attention", help="Use xformers attention in the denoiser.")
-    return parse_args_with_config(parser, input_args)
+    return config.parse_args_with_config(parser, input_args)
 
 
 def validation_kwargs(args: argparse.Namespace) -> dict:
@@ -225,16 +187,14 @@ def validation_kwargs(args: argparse.Namespace) -> dict:
 def log_validation(
     pipeline: DiffusionPipeline, args: argparse.Namespace, accelerator: Accelerator, step: int, phase: str
 ) -> list[Image.Image]:
-    """Generate ``--num_validation_images``, save them as one PNG grid and log them to the trackers."""
+    """Generate ``--num_validation_images``, save them as one PNG row and log them to the trackers."""
     logger.info(f"Running {phase}: {args.num_validation_images} images of {args.validation_prompt!r}.")
     pipeline.set_progress_bar_config(disable=True)
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     with torch.no_grad(), accelerator.autocast():
         images = [pipeline(args.validation_prompt, generator=generator, **validation_kwargs(args)).images[0]
                   for _ in range(args.num_validation_images)]
-    folder = Path(args.output_dir, "validation")
-    folder.mkdir(parents=True, exist_ok=True)
-    image_grid(images).save(folder / f"{phase}-step-{step:06d}.png")
+    outputs.save_image_row(images, Path(args.output_dir, "validation", f"{phase}-step-{step:06d}.png"))
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(phase, np.stack([np.asarray(i) for i in images]), step, dataformats="NHWC")
@@ -243,16 +203,14 @@ def log_validation(
 
 def main(args: argparse.Namespace) -> None:
     # Every input check runs before anything heavy, so bad input fails in a second with one line.
-    check_args(args)
-    family = pipeline_family(args.pretrained_model_name_or_path, args.revision)
-    if family == "flux" and args.resolution % 16:
-        raise TrainingError(f"--resolution must be a multiple of 16 for Flux, got {args.resolution}.")
-    instance_records = training_records(args)
-    evaluation = evaluation_setup(args) if PartialState().is_main_process else None
-    spec = AdapterSpec.from_args(args)
-    resume_dir = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    config.check_args(args)
+    family = families.pipeline_family(args.pretrained_model_name_or_path, args.revision)
+    family.check_resolution(args.resolution)
+    instance_records = data.training_records(args)
+    adapter = adapters.make_adapter(adapters.AdapterSettings.from_args(args))
+    resume_dir = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:
-        check_resume_compatible(resume_dir, spec)
+        checkpoints.check_resume_compatible(resume_dir, adapter)
     if args.seed is None:
         args.seed = random.randrange(2**31)
 
@@ -266,6 +224,7 @@ def main(args: argparse.Namespace) -> None:
         project_config=ProjectConfiguration(project_dir=args.output_dir,
                                             logging_dir=str(Path(args.output_dir, args.logging_dir))),
     )
+    evaluation = evaluation_setup(args) if accelerator.is_main_process else None
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
                         datefmt="%m/%d/%Y %H:%M:%S", level=logging.INFO)
     logger.info(accelerator.state, main_process_only=False)
@@ -276,20 +235,18 @@ def main(args: argparse.Namespace) -> None:
         transformers.utils.logging.set_verbosity_error()
         diffusers.utils.logging.set_verbosity_error()
     set_seed(args.seed)
-    load_kwargs = {"revision": args.revision, "variant": args.variant}
-    if family == "sd":
-        load_kwargs["safety_checker"] = None
+    load_kwargs = {"revision": args.revision, "variant": args.variant, **family.load_kwargs}
 
     # Class images for prior preservation: generated with the base model when there are too few.
     class_records = None
     if args.with_prior_preservation:
         precision = args.prior_generation_precision or ("fp16" if accelerator.device.type == "cuda" else "fp32")
         dtype = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-        generate_class_images(args.pretrained_model_name_or_path, args.class_data_dir, args.class_prompt,
-                              args.num_class_images, accelerator=accelerator, batch_size=args.sample_batch_size,
-                              seed=args.seed, torch_dtype=dtype, load_kwargs=load_kwargs,
-                              generation_kwargs=validation_kwargs(args))
-        class_records = dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
+        data.generate_class_images(args.pretrained_model_name_or_path, args.class_data_dir, args.class_prompt,
+                                   args.num_class_images, accelerator=accelerator, batch_size=args.sample_batch_size,
+                                   seed=args.seed, torch_dtype=dtype, load_kwargs=load_kwargs,
+                                   generation_kwargs=validation_kwargs(args))
+        class_records = data.dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
         class_records = class_records[: args.num_class_images]
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -300,20 +257,20 @@ def main(args: argparse.Namespace) -> None:
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
     for module in modules.values():
         module.requires_grad_(False)
-    trained_names = [DENOISER[family]] + (list(TRAINABLE_TEXT_ENCODERS[family]) if args.train_text_encoder else [])
+    trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
     trained_names = [name for name in trained_names if modules.get(name) is not None]
     for name in trained_names:
-        spec.add_to(name, modules[name])
+        adapter.add_to(name, modules[name])
     components = {name: modules[name] for name in trained_names}  # unwrapped: what the hooks save and export
 
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for name, module in modules.items():
-        # SDXL's VAE overflows in fp16, as diffusers' SDXL script notes; it stays float32
-        cast_frozen_parameters(module, torch.float32 if (family, name) == ("sdxl", "vae") else weight_dtype)
+        dtype = torch.float32 if name in family.float32_components else weight_dtype
+        model_setup.cast_frozen_parameters(module, dtype)
     pipe.to(accelerator.device)
-    denoiser = components[DENOISER[family]]
+    denoiser = components[family.denoiser]
     if args.enable_xformers_memory_efficient_attention:
-        enable_xformers(denoiser)
+        model_setup.enable_xformers(denoiser)
     if args.gradient_checkpointing:
         denoiser.enable_gradient_checkpointing()
         for name in trained_names[1:]:
@@ -324,16 +281,16 @@ def main(args: argparse.Namespace) -> None:
     # Checkpoints hold the adapter only (native StelLA factors or the peft state dict), not the frozen model.
     def save_model_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         if accelerator.is_main_process:
-            spec.save(output_dir, components)
+            adapter.save(output_dir, components)
         weights.clear()
 
     def load_model_hook(models: list[nn.Module], input_dir: str) -> None:
         models.clear()
-        spec.load(input_dir, components)
+        adapter.load(input_dir, components)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    history = TrainingHistory()
+    history = checkpoints.TrainingHistory()
     accelerator.register_for_checkpointing(history)
 
     if args.scale_lr:
@@ -344,16 +301,23 @@ def main(args: argparse.Namespace) -> None:
         optimizer_cls = bnb.optim.AdamW8bit
     else:
         optimizer_cls = torch.optim.AdamW
-    optimizer = spec.build_optimizer(list(components.values()), optimizer_cls, args.adam_weight_decay,
-                                     lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                     eps=args.adam_epsilon)
-    riemannian = getattr(optimizer, "stella", None)  # StelLA's hooks: orthonormality error, skipped steps
+    trained_modules = list(components.values())
+    optimizer = optimizer_cls(stella_parameter_groups(nn.ModuleList(trained_modules), args.adam_weight_decay),
+                              lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    riemannian = None
+    if args.adapter == "stella":
+        # The StelLA step: before each optimizer step the U/V gradients become Riemannian; after it the change
+        # is scaled, projected and retracted, so U and V stay orthonormal.
+        riemannian = make_riemannian(optimizer, trained_modules, retraction=args.stella_retraction,
+                                     grad_scaling=args.stella_grad_scaling)
 
-    train_dataset = DreamBoothDataset(instance_records, class_records, size=args.resolution,
-                                      center_crop=args.center_crop, random_flip=args.random_flip, seed=args.seed)
+    train_dataset = data.DreamBoothDataset(instance_records, class_records, size=args.resolution,
+                                           center_crop=args.center_crop, random_flip=args.random_flip,
+                                           seed=args.seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size, sampler=EpochShuffleSampler(len(train_dataset), args.seed),
-        collate_fn=partial(collate_fn, with_prior_preservation=args.with_prior_preservation),
+        train_dataset, batch_size=args.train_batch_size,
+        sampler=data.EpochShuffleSampler(len(train_dataset), args.seed),
+        collate_fn=partial(data.collate_fn, with_prior_preservation=args.with_prior_preservation),
         num_workers=args.dataloader_num_workers,
     )
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -371,30 +335,24 @@ def main(args: argparse.Namespace) -> None:
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
-    text_encoders = {slot: trained.get(slot, getattr(pipe, slot, None)) for slot in TEXT_ENCODERS[family]}
-    tokenizers = {slot: getattr(pipe, slot) for slot in ("tokenizer", "tokenizer_2", "tokenizer_3")
-                  if getattr(pipe, slot, None) is not None}
-    joint_attention_dim = pipe.transformer.config.joint_attention_dim if family == "sd3" else None
-    prompt_encoder = PromptEncoder(family, tokenizers, text_encoders, args.max_sequence_length, joint_attention_dim)
-    if family in ("sd", "sdxl"):
-        noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        if args.prediction_type is not None:
-            noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    else:
-        noise_scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
-    loss_settings = LossSettings(snr_gamma=args.snr_gamma, noise_offset=args.noise_offset,
-                                 weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean,
-                                 logit_std=args.logit_std, mode_scale=args.mode_scale,
-                                 guidance_scale=args.guidance_scale)
+    text_encoders = {slot: trained.get(slot, getattr(pipe, slot, None)) for slot in family.text_encoders}
+    encode_prompts = family.prompt_encoder(pipe, text_encoders, args.max_sequence_length)
+    loss_settings = families.LossSettings(
+        snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, prediction_type=args.prediction_type,
+        weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+        mode_scale=args.mode_scale, guidance_scale=args.guidance_scale,
+    )
+    noise_scheduler = family.noise_scheduler(pipe, loss_settings)
 
     if accelerator.is_main_process:
-        config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
-        accelerator.init_trackers("dreambooth-stella", config=config)
+        tracker_config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers("dreambooth-stella", config=tracker_config)
 
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Pipeline family = {family}, adapter = {args.adapter}, trained = {', '.join(trained_names)}")
-    logger.info(f"  Num examples = {len(train_dataset)} ({'captioned' if is_captioned(args) else 'DreamBooth'})")
+    logger.info(f"  Pipeline family = {family.name}, adapter = {args.adapter}, trained = {', '.join(trained_names)}")
+    logger.info(f"  Num examples = {len(train_dataset)} "
+                f"({'captioned' if data.is_captioned(args) else 'DreamBooth'})")
     logger.info(f"  Num epochs = {args.num_train_epochs}, total optimization steps = {args.max_train_steps}")
     logger.info(f"  Total train batch size (parallel, distributed & accumulation) = {total_batch_size}")
 
@@ -406,7 +364,7 @@ def main(args: argparse.Namespace) -> None:
     if resume_dir is not None:
         accelerator.print(f"Resuming from checkpoint {resume_dir}")
         accelerator.load_state(str(resume_dir))
-        global_step = checkpoint_step(resume_dir)
+        global_step = checkpoints.checkpoint_step(resume_dir)
         first_epoch = global_step // num_update_steps_per_epoch
         resume_batches = (global_step % num_update_steps_per_epoch) * args.gradient_accumulation_steps
 
@@ -424,19 +382,18 @@ def main(args: argparse.Namespace) -> None:
             for batch_index, batch in enumerate(batches, start=skip):
                 if global_step >= args.max_train_steps:  # checked first: a resume may start at the end
                     break
-                seed = derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
-                with accelerator.accumulate(*trained.values()), step_rng(seed, accelerator.device):
+                seed = data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
+                with accelerator.accumulate(*trained.values()), families.step_rng(seed, accelerator.device):
                     with torch.no_grad():
-                        latents = encode_latents(pipe.vae, batch["pixel_values"], family).to(weight_dtype)
+                        latents = family.encode_latents(pipe.vae, batch["pixel_values"]).to(weight_dtype)
                     with torch.set_grad_enabled(args.train_text_encoder):
-                        conditioning = prompt_encoder(batch["prompts"], accelerator.device)
-                    if family == "sdxl":  # SDXL also conditions on each image's original size and crop
-                        conditioning["time_ids"] = sdxl_time_ids(batch, args.resolution, accelerator.device)
-                    per_sample = diffusion_loss(family, trained[DENOISER[family]], noise_scheduler, latents,
-                                                conditioning, loss_settings)
+                        conditioning = encode_prompts(batch["prompts"], accelerator.device)
+                    conditioning.update(family.image_conditioning(batch, args.resolution, accelerator.device))
+                    per_sample = family.loss(trained[family.denoiser], noise_scheduler, latents, conditioning,
+                                             loss_settings)
                     loss = prior_preservation_loss(per_sample, args.with_prior_preservation, args.prior_loss_weight)
                     loss_value = accelerator.gather(loss.detach().reshape(1)).mean().item()
-                    check_finite_loss(loss_value, global_step + 1, args.output_dir)
+                    checkpoints.check_finite_loss(loss_value, global_step + 1, args.output_dir)
                     micro_losses.append(loss_value)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
@@ -459,7 +416,7 @@ def main(args: argparse.Namespace) -> None:
                 progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 saves = accelerator.is_main_process or accelerator.distributed_type == DistributedType.DEEPSPEED
                 if global_step % args.checkpointing_steps == 0 and saves:
-                    for removed in prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
+                    for removed in checkpoints.prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
                         logger.info(f"Removed old checkpoint {removed}")
                     accelerator.save_state(str(Path(args.output_dir, f"checkpoint-{global_step}")))
 
@@ -473,15 +430,15 @@ def main(args: argparse.Namespace) -> None:
     finally:
         progress_bar.close()
         if accelerator.is_main_process:
-            history.save(Path(args.output_dir, HISTORY_NAME))
+            history.save(Path(args.output_dir, outputs.HISTORY_NAME))
             if history.records:
-                plot_training_curves(history.records, Path(args.output_dir, PLOT_NAME))
+                outputs.plot_training_curves(history.records, Path(args.output_dir, outputs.PLOT_NAME))
 
     # The final export: a plain LoRA file a stock pipeline loads, the resumable adapter, images and the card.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        export = spec.export(args.output_dir, type(pipe), components)
-        spec.save(args.output_dir, components)
+        export = adapter.export(args.output_dir, type(pipe), components)
+        adapter.save(args.output_dir, components)
         logger.info(f"Saved {export}")
         images, report = [], None
         validates = bool(args.validation_prompt and args.num_validation_images > 0)
@@ -499,17 +456,17 @@ def main(args: argparse.Namespace) -> None:
                 logger.info(f"Evaluating on {len(eval_prompts)} prompts against {args.eval_reference_dir}.")
                 with accelerator.autocast():
                     paths = evaluate_against_base(
-                        final, args.adapter, eval_prompts, Path(args.output_dir, EVAL_DIR), args.eval_reference_dir,
-                        metric.to(accelerator.device), include_base=args.eval_base, seed=args.seed,
-                        batch_size=args.sample_batch_size, generation_kwargs=validation_kwargs(args),
+                        final, args.adapter, eval_prompts, Path(args.output_dir, outputs.EVAL_DIR),
+                        args.eval_reference_dir, metric.to(accelerator.device), include_base=args.eval_base,
+                        seed=args.seed, batch_size=args.sample_batch_size, generation_kwargs=validation_kwargs(args),
                     )
                 report = paths["markdown"].read_text(encoding="utf-8")
                 logger.info("\n" + report)
-        write_model_card(
-            args.output_dir, base_model=args.pretrained_model_name_or_path, family=family, spec=spec,
-            prompt=None if is_captioned(args) else args.instance_prompt, validation_prompt=args.validation_prompt,
+        outputs.write_model_card(
+            args.output_dir, base_model=args.pretrained_model_name_or_path, family=family.name, adapter=adapter,
+            prompt=None if data.is_captioned(args) else args.instance_prompt, validation_prompt=args.validation_prompt,
             images=images,
-            settings={"adapter": args.adapter, "rank": args.rank, "lora_alpha": spec.scale_alpha,
+            settings={"adapter": args.adapter, "rank": args.rank, "lora_alpha": adapter.settings.scale_alpha,
                       "trained": ", ".join(trained_names), "learning_rate": args.learning_rate,
                       "lr_scheduler": args.lr_scheduler, "steps": global_step, "batch size": total_batch_size,
                       "resolution": args.resolution, "mixed precision": accelerator.mixed_precision,
@@ -522,5 +479,5 @@ def main(args: argparse.Namespace) -> None:
 if __name__ == "__main__":
     try:
         main(parse_args())
-    except TrainingError as err:
+    except (TrainingError, EvaluationError) as err:
         sys.exit(f"error: {err}")

@@ -1,6 +1,6 @@
 """Throughput of our FID / KID path against torchmetrics' FrechetInceptionDistance, in one run.
 
-Both see the same images (PNG files at another size, decoded and resized once by stella_diffusion.images)
+Both see the same images (PNG files at another size, decoded and resized once by stella_diffusion.evaluation.images)
 and the same feature extractor, fed in the same batches. Rows: torchmetrics FID on in-memory batches; ours
 (StreamingFID) on the same batches, FID only and FID + KID; ours from the folders (decode + resize + FID +
 KID, what eval/fid.py does). Ratio = torchmetrics' time ÷ ours (> 1: ours is faster), by wall and by CPU
@@ -29,9 +29,9 @@ from PIL import Image
 from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
-from stella_diffusion.images import iter_image_batches
-from stella_diffusion.inception import INCEPTION_IMAGE_SIZE
-from stella_diffusion.metrics import StreamingFID, compute_fid
+from stella_diffusion.evaluation.features import INCEPTION_IMAGE_SIZE
+from stella_diffusion.evaluation.images import iter_image_batches
+from stella_diffusion.evaluation.metrics import StreamingFID, compute_fid
 
 
 class RandomConvFeatures(nn.Module):

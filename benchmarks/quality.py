@@ -1,6 +1,6 @@
 """Fine-tuning quality on the embedded base: StelLA vs LoRA vs DoRA, same rank, steps and learning-rate sweep.
 
-Two tasks on what the tiny base (stella_diffusion/assets/tiny-shapes-t2i) never saw, with the data of
+Two tasks on what the tiny base (stella_diffusion/shapes/assets/tiny-shapes-t2i) never saw, with the data of
 data/tiny-demo: ``concept`` (the star shape, captioned with the identifier ``sks``) and ``style`` (the
 outlined style). Every run is ``train_dreambooth_stella.py --config configs/tiny-demo.yaml`` with the task's
 folders, the adapter, a learning rate and a seed; its post-training evaluation draws images on the reference
@@ -36,14 +36,19 @@ from typing import Any
 import torch
 from matplotlib.figure import Figure
 
-from stella_diffusion.evaluation import build_fid_metric, cycle_prompts, evaluate_pipeline, read_eval_prompts
-from stella_diffusion.generate import load_pipeline
+from stella_diffusion.evaluation.comparison import (
+    build_fid_metric,
+    cycle_prompts,
+    evaluate_pipeline,
+    read_eval_prompts,
+)
+from stella_diffusion.evaluation.generation import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_dreambooth_stella.py"
 CONFIG = REPO / "configs" / "tiny-demo.yaml"
 DATA = REPO / "data" / "tiny-demo"
-BASE = REPO / "stella_diffusion" / "assets" / "tiny-shapes-t2i"
+BASE = REPO / "stella_diffusion" / "shapes" / "assets" / "tiny-shapes-t2i"
 TASKS = ("concept", "style")
 ADAPTERS = ("stella", "lora", "dora")
 REPORTED_ACCURACY = {"concept": ("shape", "colour", "all"), "style": ("style", "shape", "colour", "all")}

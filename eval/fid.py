@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from stella_diffusion.inception import InceptionWeightsNotFoundError, load_feature_extractor
-from stella_diffusion.metrics import StreamingFID, compute_fid
+from stella_diffusion.evaluation.features import InceptionWeightsNotFoundError, load_feature_extractor
+from stella_diffusion.evaluation.metrics import StreamingFID, compute_fid
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

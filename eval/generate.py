@@ -12,7 +12,8 @@ import json
 
 import torch
 
-from stella_diffusion.generate import generate_images, load_pipeline, read_prompts
+from stella_diffusion.evaluation.generation import generate_images, load_pipeline
+from stella_diffusion.files import read_prompts
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from stella_diffusion.report import load_runs, write_report
+from stella_diffusion.evaluation.report import load_runs, write_report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

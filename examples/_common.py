@@ -29,9 +29,9 @@ from transformers import (
 )
 
 from stella_diffusion import RETRACTIONS, StellaConfig, orthonormality_error, stiefel_parameters
-from stella_diffusion.llm_presets import target_modules_for
-from stella_diffusion.trainer import StellaTrainer
-from stella_diffusion.training import parse_args_with_config
+from stella_diffusion.integrations.presets import target_modules_for
+from stella_diffusion.integrations.transformers import StellaTrainer
+from stella_diffusion.training.config import parse_args_with_config
 
 METHODS = ("stella", "lora")
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune a ViT image classifier with StelLA and with peft's LoRA through the transformers Trainer, side by side.
 
-The task is offline: the project's procedural shapes domain (`stella_diffusion.domain`: flat coloured circles,
+The task is offline: the project's procedural shapes domain (`stella_diffusion.shapes.domain`: flat coloured circles,
 squares, triangles and crosses of two sizes at five positions on two backgrounds), classified by one attribute
 (``--label_attribute``, default the shape; the held-out star never appears in the pretrain split, so it is an
 unused class). Images are scaled to [-1, 1], the normalisation of Google's ViT checkpoints. Both methods adapt the
@@ -25,7 +25,7 @@ import torch
 from _common import add_comparison_args, build_config, parse_args, preset_target_modules, report, run_method
 from transformers import AutoModelForImageClassification, EvalPrediction
 
-from stella_diffusion import domain
+from stella_diffusion.shapes import domain
 
 LABEL_ATTRIBUTES = ("shape", "colour", "size", "position", "background")  # "style" is constant in the pretrain split
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stella_diffusion.domain import CONCEPT_TOKEN, write_image_folder
+from stella_diffusion.shapes.domain import CONCEPT_TOKEN, write_image_folder
 
 # folder name -> (split, number of images, seed, identifier replacing the shape word)
 DEMO_FOLDERS: dict[str, tuple[str, int, int, str | None]] = {

@@ -33,11 +33,11 @@ from diffusers import (
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from stella_diffusion.domain import RESOLUTION, ShapeSpec, caption, render, sample_specs, vocabulary
-from stella_diffusion.domain_classifier import load_domain_classifier, prompted_accuracy
-from stella_diffusion.tiny_pipelines import build_clip_tokenizer, clip_text_config
+from stella_diffusion.shapes.classifier import load_domain_classifier, prompted_accuracy
+from stella_diffusion.shapes.domain import RESOLUTION, ShapeSpec, caption, render, sample_specs, vocabulary
+from stella_diffusion.testing import build_clip_tokenizer, clip_text_config
 
-DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "stella_diffusion" / "assets" / "tiny-shapes-t2i"
+DEFAULT_OUTPUT = Path(__file__).resolve().parents[1] / "stella_diffusion" / "shapes" / "assets" / "tiny-shapes-t2i"
 
 # SD's betas, rescaled to zero terminal SNR with v-prediction and trailing timesteps (Lin et al. 2024,
 # "Common Diffusion Noise Schedules and Sample Steps are Flawed"). With SD's own schedule the mean colour
@@ -235,7 +235,7 @@ def write_report(out: Path, args: argparse.Namespace, stats: dict) -> None:
     out.joinpath("TRAINING.md").write_text(
         "# tiny-shapes-t2i: how it was trained\n\n"
         "A complete `StableDiffusionPipeline` trained from scratch by `scripts/pretrain_tiny_base.py`\n"
-        "on the pretrain split of `stella_diffusion.domain` (no `star`, no `outlined`). Generation settings\n"
+        "on the pretrain split of `stella_diffusion.shapes.domain` (no `star`, no `outlined`). Generation settings\n"
         "of the acceptance check are in `generation_defaults.json`.\n\n"
         "## Settings\n\n| setting | value |\n|---|---|\n" + settings + "\n\n"
         "## Results\n\n| quantity | value |\n|---|---|\n" + results + "\n"

@@ -20,10 +20,10 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from stella_diffusion.domain_classifier import load_domain_classifier
-from stella_diffusion.generate import load_pipeline
+from stella_diffusion.evaluation.generation import load_pipeline
+from stella_diffusion.shapes.classifier import load_domain_classifier
 
-BASE = Path(__file__).resolve().parents[1] / "stella_diffusion" / "assets" / "tiny-shapes-t2i"
+BASE = Path(__file__).resolve().parents[1] / "stella_diffusion" / "shapes" / "assets" / "tiny-shapes-t2i"
 
 
 def base_samples(path: Path, seeds: int = 6) -> float:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from stella_diffusion.domain import ATTRIBUTES, SPLITS, render, sample_specs
-from stella_diffusion.domain_classifier import DomainClassifier, default_classifier_path
+from stella_diffusion.shapes.classifier import DomainClassifier, default_classifier_path
+from stella_diffusion.shapes.domain import ATTRIBUTES, SPLITS, render, sample_specs
 
 # Share of each split in training: the held-out shape and style must be as well known as the others.
 SPLIT_WEIGHTS = {"pretrain": 0.5, "concept": 0.25, "style": 0.25}

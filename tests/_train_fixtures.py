@@ -7,7 +7,7 @@ from functools import cache
 from pathlib import Path
 from types import ModuleType
 
-from stella_diffusion.domain import CONCEPT_TOKEN, write_image_folder
+from stella_diffusion.shapes.domain import CONCEPT_TOKEN, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_dreambooth_stella.py"

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from stella_diffusion.training import EVAL_DIR
+from stella_diffusion.training.outputs import EVAL_DIR
 
 from ._train_fixtures import REPO, train_script
 

@@ -9,14 +9,14 @@ import torch
 from diffusers import DiffusionPipeline
 
 from stella_diffusion import StellaLayer, create_stella_optimizer
-from stella_diffusion.pipelines import (
+from stella_diffusion.integrations.diffusers import (
     add_stella_adapter,
     load_stella_into_pipeline,
     pipeline_components,
     save_lora_export,
     save_stella_checkpoint,
 )
-from stella_diffusion.tiny_pipelines import build_tiny_pipeline, default_generation_kwargs
+from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 
 from .stock_runner import run_stock
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from stella_diffusion.domain import (
+from stella_diffusion.shapes.domain import (
     ATTRIBUTES,
     COLOURS,
     CONCEPT_SHAPE,

@@ -9,14 +9,14 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, StableDiffusionPipeline
 
-from stella_diffusion.domain import ATTRIBUTES, SPLITS, ShapeSpec, render, sample_specs
-from stella_diffusion.domain_classifier import (
+from stella_diffusion.shapes.classifier import (
     default_classifier_path,
     load_domain_classifier,
     prompted_accuracy,
 )
+from stella_diffusion.shapes.domain import ATTRIBUTES, SPLITS, ShapeSpec, render, sample_specs
 
-BASE = Path(str(files("stella_diffusion") / "assets" / "tiny-shapes-t2i"))
+BASE = Path(str(files("stella_diffusion.shapes") / "assets" / "tiny-shapes-t2i"))
 
 
 def _images(specs: list[ShapeSpec]) -> torch.Tensor:

@@ -10,8 +10,8 @@ import pytest
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from stella_diffusion.pipelines import add_stella_adapter, save_lora_export
-from stella_diffusion.tiny_pipelines import build_tiny_pipeline, default_generation_kwargs
+from stella_diffusion.integrations.diffusers import add_stella_adapter, save_lora_export
+from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 
 EVAL = Path(__file__).resolve().parents[1] / "eval"
 FEATURES = """

@@ -11,20 +11,21 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
-from stella_diffusion.domain import write_image_folder
-from stella_diffusion.domain_classifier import DomainFeatures, load_domain_classifier
-from stella_diffusion.evaluation import (
+from stella_diffusion.evaluation.comparison import (
     EvalPrompt,
+    EvaluationError,
     build_fid_metric,
     cycle_prompts,
     evaluate_against_base,
+    evaluation_setup,
     folder_accuracy,
     read_eval_prompts,
 )
-from stella_diffusion.generate import generate_images
-from stella_diffusion.report import markdown_table
-from stella_diffusion.tiny_pipelines import build_tiny_pipeline, default_generation_kwargs
-from stella_diffusion.training import TrainingError, evaluation_setup
+from stella_diffusion.evaluation.generation import generate_images
+from stella_diffusion.evaluation.report import markdown_table
+from stella_diffusion.shapes.classifier import DomainFeatures, domain_feature_extractor
+from stella_diffusion.shapes.domain import write_image_folder
+from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 
 from ._train_fixtures import captioned_folder, tiny_args, train_script
 
@@ -66,7 +67,7 @@ def test_cycle_prompts_repeats_the_list() -> None:
 def test_folder_accuracy_reads_the_prompted_attributes(tmp_path) -> None:
     folder = write_image_folder(tmp_path / "images", 40, seed=3, split="pretrain")
     prompts = read_eval_prompts(folder / "metadata.jsonl")
-    classifier = load_domain_classifier()
+    classifier = domain_feature_extractor()  # the judge: features that also read attributes
     right = folder_accuracy(folder, prompts, classifier)
     assert set(right) == {"shape", "colour", "size", "position", "background", "style", "all"}
     assert min(right.values()) >= 0.9, right
@@ -143,7 +144,7 @@ def test_script_checks_evaluation_inputs_before_training(tmp_path) -> None:
     ]
     for extra, message in cases:
         args = train_script().parse_args(tiny_args(tmp_path / "pipe", data, tmp_path / "out", *extra))
-        with pytest.raises(TrainingError, match=message):
+        with pytest.raises(EvaluationError, match=message):
             evaluation_setup(args)
     args = train_script().parse_args(tiny_args(tmp_path / "pipe", data, tmp_path / "out", "--eval_reference_dir",
                                                str(data), "--eval_prompts", str(data / "metadata.jsonl"),

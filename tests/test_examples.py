@@ -11,8 +11,8 @@ import yaml
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from stella_diffusion.llm_presets import LLM_TARGET_MODULES
-from stella_diffusion.training import TrainingError
+from stella_diffusion.integrations.presets import LLM_TARGET_MODULES
+from stella_diffusion.training.config import TrainingError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

@@ -12,15 +12,15 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
-from stella_diffusion.pipelines import LORA_WEIGHT_NAME, add_stella_adapter
-from stella_diffusion.training import EVAL_DIR, HISTORY_NAME
+from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME, add_stella_adapter
+from stella_diffusion.training.outputs import EVAL_DIR, HISTORY_NAME
 
 from ._devices import needs_cuda
 from ._train_fixtures import REPO, SCRIPT
 
 pytestmark = [pytest.mark.gpu, needs_cuda]
 
-BASE = REPO / "stella_diffusion" / "assets" / "tiny-shapes-t2i"
+BASE = REPO / "stella_diffusion" / "shapes" / "assets" / "tiny-shapes-t2i"
 DEMO_CONFIG = REPO / "configs" / "tiny-demo.yaml"
 
 

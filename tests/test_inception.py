@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch_fidelity.feature_extractor_inceptionv3 as fidelity_inception
 
-from stella_diffusion.inception import (
+from stella_diffusion.evaluation.features import (
     INCEPTION_NAME,
     INCEPTION_WEIGHTS_FILE,
     InceptionWeightsNotFoundError,
@@ -16,7 +16,7 @@ from stella_diffusion.inception import (
     load_feature_extractor,
     load_inception,
 )
-from stella_diffusion.metrics import StreamingFID
+from stella_diffusion.evaluation.metrics import StreamingFID
 
 
 def _no_download(*args, **kwargs):

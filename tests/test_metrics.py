@@ -12,8 +12,9 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from stella_diffusion.images import UnreadableImageWarning, iter_image_batches, load_image
-from stella_diffusion.metrics import FeatureStats, StreamingFID, compute_fid, frechet_distance
+from stella_diffusion.evaluation.images import iter_image_batches, load_image
+from stella_diffusion.evaluation.metrics import FeatureStats, StreamingFID, compute_fid, frechet_distance
+from stella_diffusion.files import UnreadableImageWarning
 
 
 class CellMeans(nn.Module):

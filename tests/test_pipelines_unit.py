@@ -9,7 +9,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from stella_diffusion import StellaLayer
-from stella_diffusion.pipelines import (
+from stella_diffusion.integrations.diffusers import (
     LORA_WEIGHT_NAME,
     NATIVE_WEIGHT_NAME,
     add_stella_adapter,

@@ -18,7 +18,7 @@ from diffusers import (
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer, GemmaTokenizer, T5TokenizerFast
 
-from stella_diffusion.tiny_pipelines import (
+from stella_diffusion.testing import (
     PIPELINE_KINDS,
     build_clip_tokenizer,
     build_gemma_tokenizer,

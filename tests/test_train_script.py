@@ -20,24 +20,21 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from safetensors.torch import load_file
 
-from stella_diffusion.domain import INSTANCE_PROMPT
-from stella_diffusion.images import UnreadableImageWarning
-from stella_diffusion.pipelines import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
-from stella_diffusion.tiny_pipelines import build_tiny_pipeline, default_generation_kwargs
-from stella_diffusion.training import (
-    ADAPTER_SETTINGS_NAME,
-    HISTORY_NAME,
+from stella_diffusion.files import UnreadableImageWarning
+from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
+from stella_diffusion.shapes.domain import INSTANCE_PROMPT
+from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
+from stella_diffusion.training.adapters import (
     PEFT_WEIGHT_NAME,
-    PLOT_NAME,
-    TEXT_ENCODERS,
-    AdapterSpec,
-    PromptEncoder,
-    TrainingError,
-    captioned_records,
-    enable_xformers,
-    folder_images,
+    make_adapter,
+    read_saved_settings,
     save_peft_lora_export,
 )
+from stella_diffusion.training.config import TrainingError
+from stella_diffusion.training.data import captioned_records, folder_images
+from stella_diffusion.training.families import FAMILIES
+from stella_diffusion.training.model_setup import enable_xformers
+from stella_diffusion.training.outputs import HISTORY_NAME, PLOT_NAME
 
 from ._train_fixtures import (
     PROMPT,
@@ -162,6 +159,13 @@ def test_xformers_that_cannot_run_is_one_clear_error():
         enable_xformers(denoiser)
 
 
+def _adapted_unet(pipeline_dir, rank: int):
+    """The pipeline's UNet with a StelLA adapter of ``rank`` on the script's default targets."""
+    unet = DiffusionPipeline.from_pretrained(pipeline_dir).unet
+    make_adapter(adapter="stella", rank=rank).add_to("unet", unet)
+    return unet
+
+
 def _bad_inputs(sd_pipeline, concept_dir, tmp_path):
     """(case name, extra arguments or a data folder, expected message) for each bad input of the issue."""
     empty = tmp_path / "empty"
@@ -174,8 +178,7 @@ def _bad_inputs(sd_pipeline, concept_dir, tmp_path):
     (not_a_pipeline / "unet.safetensors").write_bytes(b"")
     checkpoint = tmp_path / "out" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
-    saved = AdapterSpec(adapter="stella", rank=8, alpha=4.0).settings()
-    (checkpoint / ADAPTER_SETTINGS_NAME).write_text(json.dumps(saved))
+    make_adapter(adapter="stella", rank=8, alpha=4.0).save(checkpoint, {"unet": _adapted_unet(sd_pipeline, 8)})
     return {
         "missing data folder": (tmp_path / "nowhere", [], "no such folder"),
         "empty data folder": (empty, [], "is empty"),
@@ -215,12 +218,11 @@ def test_bad_input_from_the_command_line_is_one_line_and_a_nonzero_exit(sd_pipel
 @pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
 def test_prompt_encoder_matches_the_pipelines_encode_prompt(kind, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(build_tiny_pipeline(kind, tmp_path / kind))
-    tokenizers = {s: getattr(pipe, s) for s in ("tokenizer", "tokenizer_2", "tokenizer_3") if hasattr(pipe, s)}
-    encoders = {s: getattr(pipe, s) for s in TEXT_ENCODERS[kind]}
-    joint_dim = pipe.transformer.config.joint_attention_dim if kind == "sd3" else None
+    family = next(f for f in FAMILIES.values() if f.name == kind)
+    encoders = {s: getattr(pipe, s) for s in family.text_encoders}
     prompts = [PROMPT, "a blue star on a white background"]
     with torch.no_grad():
-        ours = PromptEncoder(kind, tokenizers, encoders, 16, joint_dim)(prompts, torch.device("cpu"))
+        ours = family.prompt_encoder(pipe, encoders, 16)(prompts, torch.device("cpu"))
         if kind == "sd":
             reference = {"encoder_hidden_states": pipe.encode_prompt(prompts, "cpu", 1, False)[0]}
         elif kind == "sdxl":
@@ -243,14 +245,14 @@ def test_baseline_export_is_the_trained_model_on_the_untouched_base(adapter, sd_
     """The alpha = r export (scale baked in; PiSSA converted back to a LoRA on W) reproduces the trained encoder."""
     pipe = DiffusionPipeline.from_pretrained(sd_pipeline)
     encoder = pipe.text_encoder
-    spec = AdapterSpec(adapter=adapter, rank=4, alpha=8.0)
+    trained = make_adapter(adapter=adapter, rank=4, alpha=8.0)
     encoder.requires_grad_(False)
-    spec.add_to("text_encoder", encoder)
+    trained.add_to("text_encoder", encoder)
     with torch.no_grad():  # "training": every adapter parameter moves
         for param in encoder.parameters():
             if param.requires_grad:
                 param.add_(0.2 * torch.randn_like(param))
-    save_peft_lora_export(tmp_path, type(pipe), {"text_encoder": encoder}, spec.initial_states)
+    save_peft_lora_export(tmp_path, type(pipe), {"text_encoder": encoder}, getattr(trained, "initial_states", None))
     ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         trained = encoder(ids)[0]
@@ -352,7 +354,7 @@ def test_each_adapter_trains_unet_and_text_encoders(adapter, sdxl_pipeline, styl
     out = tmp_path / "out"
     run(tiny_args(sdxl_pipeline, style_dir, out, "--adapter", adapter, "--train_text_encoder",
                   "--max_train_steps", "2", "--checkpointing_steps", "2"))
-    settings = json.loads((out / "checkpoint-2" / ADAPTER_SETTINGS_NAME).read_text())
+    settings = read_saved_settings(out / "checkpoint-2")
     assert settings["adapter"] == adapter and settings["train_text_encoder"] is True
     prefixes = {key.split(".", 1)[0] for key in load_file(out / LORA_WEIGHT_NAME)}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}

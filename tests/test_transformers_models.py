@@ -2,7 +2,7 @@
 
 Llama (nn.Linear), GPT-2 (transformers' Conv1D, weight stored as in x out) and ViT learn a synthetic task through
 `create_stella_optimizer` and keep U, V orthonormal; the Trainer integration does the same on Llama. The target
-presets of `stella_diffusion.llm_presets` choose the adapted layers throughout.
+presets of `stella_diffusion.integrations.presets` choose the adapted layers throughout.
 """
 
 import numpy as np
@@ -33,8 +33,8 @@ from stella_diffusion import (
     orthonormality_error,
     stiefel_parameters,
 )
-from stella_diffusion.llm_presets import LLM_TARGET_MODULES, target_modules_for
-from stella_diffusion.trainer import StellaTrainer
+from stella_diffusion.integrations.presets import LLM_TARGET_MODULES, target_modules_for
+from stella_diffusion.integrations.transformers import StellaTrainer
 
 VOCAB, LENGTH = 32, 10
 # initializer_range 0.1: with the default 0.02 a frozen random lm_head caps the logits near 1 and the loss plateaus

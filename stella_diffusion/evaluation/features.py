@@ -59,7 +59,7 @@ def load_inception(weights: str | Path | None = None) -> nn.Module:
     """torchmetrics' InceptionV3 (torch-fidelity's port of the TF FID graph) returning 2048-d pool features.
 
     Input: uint8 ``N×3×H×W``; the net resizes to 299 itself (identity for the 299×299 images that
-    :mod:`stella_diffusion.images` produces). Loading goes through torch-fidelity's own code, given a path.
+    :mod:`stella_diffusion.evaluation.images` produces). Loading goes through torch-fidelity's own code, given a path.
     """
     path = inception_weights_path(weights)
     try:
@@ -72,11 +72,17 @@ def load_inception(weights: str | Path | None = None) -> nn.Module:
     return net
 
 
+# Extractors known by name; each is an installed module's callable, imported only when asked for.
+NAMED_EXTRACTORS = {"domain": "stella_diffusion.shapes.classifier:domain_feature_extractor"}
+
+
 def load_feature_extractor(spec: str) -> nn.Module:
-    """Resolve ``"package.module:name"``: ``name`` is an ``nn.Module`` or a callable returning one.
+    """Resolve a named extractor (`NAMED_EXTRACTORS`) or ``"package.module:name"``: ``name`` is an ``nn.Module`` or
+    a callable returning one. This imports that module and calls it: it runs code.
 
     The module maps uint8 ``N×3×S×S`` images to ``N×d`` features (see ``metrics.StreamingFID``).
     """
+    spec = NAMED_EXTRACTORS.get(spec, spec)
     module_name, sep, attr = spec.partition(":")
     if not (module_name and sep and attr):
         raise ValueError(f"Feature extractor must be given as 'module:callable', got {spec!r}.")

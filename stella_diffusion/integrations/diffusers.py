@@ -19,9 +19,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .tuner import StellaConfig, StellaLayer
-from .tuner.layer import Conv2d as StellaConv2d
-from .tuner.layer import times_s
+from ..tuner import StellaConfig, StellaLayer
+from ..tuner.layer import Conv2d as StellaConv2d
+from ..tuner.layer import times_s
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 NATIVE_WEIGHT_NAME = "stella_adapter.safetensors"
@@ -207,12 +207,21 @@ def _config_for_file(config: StellaConfig) -> dict[str, Any]:
 
 
 def save_stella_checkpoint(
-    output_dir: str | Path, components: Mapping[str, nn.Module], adapter_name: str = "default"
+    output_dir: str | Path,
+    components: Mapping[str, nn.Module],
+    adapter_name: str = "default",
+    metadata: Mapping[str, str] | None = None,
 ) -> Path:
     """Save U, S, V (and the frozen start, if any) of every component plus their configs in one safetensors file.
 
     Keys are ``{component}.{module path}.stella_{U,S,Vt,U0,S0,Vt0}``; the configs travel in the header, so a
     checkpoint is one file that either loads whole or fails with a clear error.
+
+    Args:
+        output_dir: the folder of ``stella_adapter.safetensors``.
+        components: pipeline component name → model carrying the StelLA adapter.
+        adapter_name: which adapter to save.
+        metadata: extra header fields (strings), e.g. the training settings a resume must share.
     """
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {}
@@ -231,7 +240,8 @@ def save_stella_checkpoint(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / NATIVE_WEIGHT_NAME
-    save_file(tensors, path, metadata={"format": _NATIVE_FORMAT, "stella_configs": json.dumps(configs)})
+    header = {**(metadata or {}), "format": _NATIVE_FORMAT, "stella_configs": json.dumps(configs)}
+    save_file(tensors, path, metadata=header)
     return path
 
 

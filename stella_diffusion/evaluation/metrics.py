@@ -27,8 +27,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.image.kid import poly_mmd
 
+from .features import INCEPTION_IMAGE_SIZE, INCEPTION_NAME, load_inception
 from .images import RESIZE_CONVENTION, iter_image_batches
-from .inception import INCEPTION_IMAGE_SIZE, INCEPTION_NAME, load_inception
 
 ArrayLike = np.ndarray | Tensor
 
@@ -134,7 +134,7 @@ class StreamingFID(Metric):
 
     Args:
         feature: a module mapping uint8 ``N×3×S×S`` images to ``N×d`` features; ``None`` loads the FID
-            Inception (:func:`~stella_diffusion.inception.load_inception`) from ``inception_weights``.
+            Inception (:func:`~stella_diffusion.evaluation.features.load_inception`) from ``inception_weights``.
         inception_weights: path of torch-fidelity's Inception weights (default: torch hub cache).
         feature_name: how the extractor is named in results and statistics files.
         image_size: side the images are resized to (299 for Inception); recorded in the convention.

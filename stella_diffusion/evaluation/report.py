@@ -1,6 +1,6 @@
 """FID / KID reports: one JSON, one Markdown table and one bar plot PNG for one run or several side by side.
 
-A run is a result record of :func:`stella_diffusion.metrics.compute_fid` with a ``name``. Numbers from
+A run is a result record of :func:`stella_diffusion.evaluation.metrics.compute_fid` with a ``name``. Numbers from
 different feature extractors or resize conventions are not comparable; the report says so when runs differ.
 """
 

@@ -26,7 +26,7 @@ CLASSIFIER_CONFIG = "shapes-classifier.json"
 
 def default_classifier_path() -> Path:
     """The committed classifier's weights inside the package assets."""
-    return Path(str(files("stella_diffusion") / "assets" / CLASSIFIER_WEIGHTS))
+    return Path(str(files("stella_diffusion.shapes") / "assets" / CLASSIFIER_WEIGHTS))
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -112,17 +112,25 @@ def load_domain_classifier(weights_path: str | Path | None = None, device: str =
 class DomainFeatures(nn.Module):
     """The classifier's embedding of uint8 images: the FID / KID feature extractor of the shapes domain.
 
-    Takes what :class:`~stella_diffusion.metrics.StreamingFID` feeds its extractors (uint8 ``N×3×S×S``).
+    Takes what :class:`~stella_diffusion.evaluation.metrics.StreamingFID` feeds its extractors (uint8 ``N×3×S×S``).
     """
+
+    feature_name = "shapes-classifier"
 
     def __init__(self, classifier: DomainClassifier) -> None:
         super().__init__()
         self.classifier = classifier
         self.num_features = classifier.config["feature_dim"]
         self.image_size = classifier.resolution
+        self.attributes = tuple(classifier.attributes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.classifier.features(images.float() / 255)
+
+    def attribute_accuracy(self, images: torch.Tensor, expected: Sequence[Mapping[str, str]],
+                           attributes: tuple[str, ...]) -> dict[str, float]:
+        """The evaluation's attribute judge: see `prompted_accuracy` (images float in [0, 1])."""
+        return prompted_accuracy(self.classifier, images, expected, attributes=attributes)
 
 
 def domain_feature_extractor(weights_path: str | Path | None = None) -> DomainFeatures:

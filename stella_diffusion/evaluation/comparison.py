@@ -8,6 +8,7 @@ share of images shows what each prompt asked for (shape, colour, style, ...). Th
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +18,18 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
-from .domain_classifier import DomainClassifier, DomainFeatures, domain_feature_extractor, prompted_accuracy
-from .generate import generate_images, read_jsonl, read_prompts
+from ..files import read_jsonl, read_prompts
+from .features import load_feature_extractor
+from .generation import generate_images
 from .images import load_image
-from .inception import load_feature_extractor
 from .metrics import StreamingFID, compute_fid
 from .report import write_report
 
-FEATURE_EXTRACTORS = ("inception", "domain")  # or "module:callable"
 _NOT_ATTRIBUTES = frozenset({"text", "prompt", "file_name", "jitter"})
+
+
+class EvaluationError(ValueError):
+    """An evaluation that cannot run as asked; scripts print it as one ``error:`` line."""
 
 
 @dataclass(frozen=True)
@@ -39,7 +43,7 @@ class EvalPrompt:
 def read_eval_prompts(path: str | Path) -> list[EvalPrompt]:
     """Prompts from a ``.txt`` (one a line) or a ``.jsonl`` (``text`` column; string columns = attributes).
 
-    A ``metadata.jsonl`` of :func:`stella_diffusion.domain.write_image_folder` is such a file: evaluating on
+    A ``metadata.jsonl`` of :func:`stella_diffusion.shapes.domain.write_image_folder` is such a file: evaluating on
     a reference folder's own captions asks for the attributes its images have.
     """
     path = Path(path)
@@ -67,30 +71,29 @@ def cycle_prompts(prompts: Sequence[EvalPrompt], num_images: int) -> list[EvalPr
 
 
 def build_fid_metric(feature_extractor: str = "inception", kid_max_samples: int = 2048, seed: int = 0) -> StreamingFID:
-    """A :class:`StreamingFID` on ``"inception"``, ``"domain"`` (shapes classifier) or ``"module:callable"``.
+    """A :class:`StreamingFID` on ``"inception"``, a named extractor (``"domain"``: the shapes classifier) or
+    ``"module:callable"``.
 
     The image side is the extractor's ``image_size`` attribute when it has one (32 for the shapes
     classifier), else Inception's 299.
     """
     if feature_extractor == "inception":
         return StreamingFID(kid_max_samples=kid_max_samples, seed=seed)
-    if feature_extractor == "domain":
-        extractor, name = domain_feature_extractor(), "shapes-classifier"
-    else:
-        extractor, name = load_feature_extractor(feature_extractor), feature_extractor
+    extractor = load_feature_extractor(feature_extractor)
+    name = getattr(extractor, "feature_name", feature_extractor)
     size = getattr(extractor, "image_size", 299)
     return StreamingFID(extractor, feature_name=name, image_size=size, kid_max_samples=kid_max_samples, seed=seed)
 
 
 @torch.no_grad()
-def folder_accuracy(
-    folder: str | Path, prompts: Sequence[EvalPrompt], classifier: DomainClassifier
-) -> dict[str, float] | None:
+def folder_accuracy(folder: str | Path, prompts: Sequence[EvalPrompt], judge: Any) -> dict[str, float] | None:
     """Share of the folder's images (in file order) that show the attributes their prompt asks for.
 
-    Attributes are those every prompt names and the classifier knows; ``None`` when there are none.
+    ``judge`` is a feature extractor that can also read attributes (``attributes``, ``image_size`` and
+    ``attribute_accuracy(images, expected, attributes)``, as the shapes classifier's features do). Attributes are
+    those every prompt names and the judge knows; ``None`` when there are none.
     """
-    attributes = set(classifier.attributes)
+    attributes = set(judge.attributes)
     for prompt in prompts:
         attributes &= set(prompt.expected)
     if not attributes:
@@ -98,10 +101,10 @@ def folder_accuracy(
     files = sorted(Path(folder).glob("*.png"))
     if len(files) != len(prompts):
         raise ValueError(f"{folder} holds {len(files)} images for {len(prompts)} prompts.")
-    pixels = np.stack([load_image(f, classifier.resolution) for f in files])
+    pixels = np.stack([load_image(f, judge.image_size) for f in files])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255
-    ordered = tuple(a for a in classifier.attributes if a in attributes)
-    return prompted_accuracy(classifier, images, [p.expected for p in prompts], attributes=ordered)
+    ordered = tuple(a for a in judge.attributes if a in attributes)
+    return judge.attribute_accuracy(images, [p.expected for p in prompts], ordered)
 
 
 @torch.no_grad()
@@ -119,15 +122,15 @@ def evaluate_pipeline(
 ) -> dict[str, Any]:
     """Draw one image per prompt into ``out_dir/name``, then score it: a result record for the report.
 
-    The record is :func:`~stella_diffusion.metrics.compute_fid`'s with the run ``name`` and, when the metric
+    The record is :func:`~stella_diffusion.evaluation.metrics.compute_fid`'s with the run ``name`` and, when the metric
     uses the shapes classifier and the prompts carry attributes, ``accuracy`` per attribute (and ``all``).
     """
     folder = Path(out_dir, name)
     generate_images(pipe, [p.text for p in prompts], folder, seed=seed, batch_size=batch_size,
                     generation_kwargs=generation_kwargs, overwrite=True, progress=progress)
     record = {"name": name, **compute_fid(folder, reference, metric, progress=progress)}
-    if isinstance(metric.feature, DomainFeatures):
-        accuracy = folder_accuracy(folder, prompts, metric.feature.classifier)
+    if hasattr(metric.feature, "attribute_accuracy"):
+        accuracy = folder_accuracy(folder, prompts, metric.feature)
         if accuracy is not None:
             record["accuracy"] = accuracy
     return record
@@ -158,3 +161,32 @@ def evaluate_against_base(
             pipe.enable_lora()
     runs.append(evaluate_pipeline(pipe, name, prompts, out_dir, reference, metric, **kwargs))
     return write_report(runs, out_dir, title)
+
+
+def evaluation_setup(args: argparse.Namespace) -> tuple[list[EvalPrompt], StreamingFID] | None:
+    """The prompts and the FID metric of the post-training evaluation (``None`` without ``--eval_reference_dir``).
+
+    Built before training, so a missing reference, prompt file or Inception weights fail at once. Prompts come
+    from ``--eval_prompts``, else the instance prompt (DreamBooth), else the validation prompt.
+    """
+    if args.eval_reference_dir is None:
+        return None
+    reference = Path(args.eval_reference_dir)
+    if not (reference.is_dir() or (reference.suffix == ".npz" and reference.is_file())):
+        raise EvaluationError(f"--eval_reference_dir {reference}: no such image folder or .npz statistics file.")
+    if args.num_eval_images <= 0:
+        raise EvaluationError(f"--num_eval_images must be a positive integer, got {args.num_eval_images}.")
+    try:
+        if args.eval_prompts is not None:
+            prompts = read_eval_prompts(args.eval_prompts)
+        elif args.instance_prompt or args.validation_prompt:
+            prompts = [EvalPrompt(args.instance_prompt or args.validation_prompt)]
+        else:
+            raise EvaluationError("--eval_reference_dir needs --eval_prompts, --instance_prompt or "
+                                  "--validation_prompt.")
+        metric = build_fid_metric(args.eval_feature_extractor, seed=args.seed or 0)
+    except EvaluationError:
+        raise
+    except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
+        raise EvaluationError(f"Evaluation set-up: {err}") from err
+    return cycle_prompts(prompts, args.num_eval_images), metric

@@ -15,39 +15,8 @@ import torch
 from diffusers import DiffusionPipeline
 from tqdm.auto import tqdm
 
-from .images import list_images
-from .pipelines import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME, load_stella_into_pipeline
-
-METADATA_FILE = "metadata.jsonl"
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not prompts:
-        raise ValueError(f"No prompts in {path}.")
-    return prompts
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """The JSON objects of a ``.jsonl`` file with their line numbers (from 1); blank lines are skipped.
-
-    A line that is not a JSON object raises ``ValueError`` naming the file and the line, so a caller can say
-    which row of a hand-edited ``metadata.jsonl`` is broken.
-    """
-    rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            row = None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{number} is not a JSON object: {line[:80]!r}")
-        rows.append((number, row))
-    return rows
+from ..files import METADATA_FILE, list_images
+from ..integrations.diffusers import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME, load_stella_into_pipeline
 
 
 def load_adapter(pipe: DiffusionPipeline, adapter_dir: str | Path) -> str:

@@ -7,7 +7,7 @@ from typing import Any
 from torch import nn
 from transformers import Trainer
 
-from .optim import make_riemannian, stiefel_parameters
+from ..optim import make_riemannian, stiefel_parameters
 
 
 class StellaTrainerMixin:

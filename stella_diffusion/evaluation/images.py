@@ -18,38 +18,13 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm"}
-)
+from ..files import IMAGE_EXTENSIONS, UnreadableImageWarning, list_images, to_rgb
+
 RESIZE_CONVENTION = (
     "8-bit RGB (transparency over white, 16-bit scaled by 1/257), PIL bicubic resize (antialiased) "
     "straight to a square (aspect ratio not kept)"
 )
 _UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
-
-
-class UnreadableImageWarning(UserWarning):
-    """An image file could not be decoded and was skipped."""
-
-
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files under ``folder`` (recursively, by extension), sorted so runs are reproducible."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise NotADirectoryError(f"Image folder {folder} does not exist.")
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB from any PIL mode: 16-bit grey is scaled (PIL would clip), transparency goes over white."""
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        values = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if image.mode == "F" else 1 / 257  # float images are taken as [0, 1]
-        image = Image.fromarray(np.clip(np.rint(values * scale), 0, 255).astype(np.uint8), mode="L")
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:

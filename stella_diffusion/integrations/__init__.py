@@ -1,0 +1,2 @@
+"""StelLA in other libraries: diffusers pipelines (targets, exports, native checkpoints), transformers' Trainer,
+target presets for language and vision models."""
