@@ -7,7 +7,7 @@ KID, what eval/fid.py does). Ratio = torchmetrics' time ÷ ours (> 1: ours is fa
 time (the CPU time of all threads, less disturbed by other work on a shared machine).
 
     python benchmarks/fid_throughput.py [--num_images 256] [--batch_size 32] [--repeats 3]
-        [--inception_weights PATH] [--output fid_throughput.json]
+        [--inception_weights PATH] [--output_dir benchmarks/results]
 
 Without --inception_weights the extractor is a small random conv net with Inception's 2048 outputs, so the
 Fréchet distance costs what it costs with Inception while the forward pass stays cheap on a CPU.
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--inception_weights", help="use the real FID Inception (torch-fidelity weights)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per method")
-    parser.add_argument("--output", default="fid_throughput.json")
+    parser.add_argument("--output_dir", default="benchmarks/results", help="where fid_throughput.json goes")
     args = parser.parse_args(argv)
 
     if args.inception_weights:
@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
         cells += [f"{row['fid']:.4f}", f"{row['fid_rel_diff_vs_torchmetrics']:.1e}"]
         print("| " + " | ".join(cells) + " |")
     result = {"config": config, "rows": rows}
-    Path(args.output).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    Path(args.output_dir, "fid_throughput.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result
 
 

@@ -17,14 +17,14 @@ Reported:
   other variant, the allocator's caching and Python's own memory;
 - retraction, batched (one `manifold.retract` call per shape on the stacked matrices, what the post-step hook
   does) vs one by one (a Python loop over the same matrices): on the UNet's real adapter shapes and on the
-  paper's case (192 matrices of 4096 × 32, spec §5).
+  paper's case (192 matrices of 4096 × 32, docs/algorithm.md §5).
 
 Targets (issue): step ratio ≤ 1.05 and hook share ≤ 3 % on the tiny SD UNet (checked at each ``--batch_size``),
 batched ≥ 5× one by one (checked on each set). A missed target is reported as missed.
 
     python benchmarks/optimizer_overhead.py [--batch_size 8 32] [--rank 4] [--steps 60] [--realistic_steps 12]
         [--warmup 3] [--repeats 15] [--threads 1] [--device cpu] [--retraction polar]
-        [--paper_case 192 4096 32] [--skip_realistic] [--quick] [--output benchmarks/results/optimizer_overhead.json]
+        [--paper_case 192 4096 32] [--skip_realistic] [--quick] [--output_dir benchmarks/results]
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ from stella_diffusion import StellaConfig, create_stella_optimizer, manifold
 
 TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]
 TARGETS = {"step_time_ratio": 1.05, "hook_share": 0.03, "batched_speedup": 5.0}
-STELLA_LR, LORA_LR = 8e-4, 1e-4  # the paper's text-to-image learning rates (spec §5); they do not change the cost
+# the paper's text-to-image learning rates (docs/algorithm.md §5); they do not change the cost
+STELLA_LR, LORA_LR = 8e-4, 1e-4
 MIB = 2**20
 PHASES = ("forward_backward", "optimizer_step", "zero_grad")  # the parts of a step, timed apart
 
@@ -90,7 +91,7 @@ class UNetPoint:
 
 
 def tiny_point(batch_size: int) -> UNetPoint:
-    """The embedded tiny SD UNet (/work/shared/embedded-budget.md): 1.7 M parameters, 14 attention layers."""
+    """The embedded tiny SD UNet: 1.7 M parameters, 14 attention layers."""
     return UNetPoint(
         name="tiny SD UNet (32, 64, 64)",
         block_out_channels=(32, 64, 64),
@@ -476,7 +477,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--skip_realistic", action="store_true", help="measure the tiny UNet only")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="tiny settings for tests (numbers meaningless)")
-    parser.add_argument("--output", default="benchmarks/results/optimizer_overhead.json")
+    parser.add_argument("--output_dir", default="benchmarks/results", help="where optimizer_overhead.json goes")
     args = parser.parse_args(argv)
     if args.quick:
         args.batch_size, args.steps, args.warmup, args.repeats = [2], 2, 1, 2
@@ -526,7 +527,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "targets": target_checks(measured[: len(args.batch_size)], retractions),
     }
     print_tables(result)
-    output = Path(args.output)
+    output = Path(args.output_dir, "optimizer_overhead.json")
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     return result

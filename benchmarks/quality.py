@@ -11,7 +11,7 @@ Protocol: each learning rate of ``--learning_rates`` is tried with the first see
 FID is then run with the other seeds; the table gives mean ± std over the seeds at that learning rate, for
 every adapter alike. The base model is scored once per task on the same prompts.
 
-    python benchmarks/quality.py [--jobs 2] [--max_train_steps 400] [--output benchmarks/results]
+    python benchmarks/quality.py [--jobs 2] [--max_train_steps 400] [--output_dir benchmarks/results]
 
 Runs live under ``--work_dir`` (outputs/quality: adapters and images, not committed); finished ones (their
 eval/report.json exists) are reused, so an interrupted benchmark resumes where it stopped. The results go to
@@ -209,13 +209,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_eval_images", type=int, default=64)
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--work_dir", default="outputs/quality", help="the runs' adapters and images")
-    parser.add_argument("--output", default="benchmarks/results", help="where quality.{json,md,png} go")
+    parser.add_argument("--output_dir", default="benchmarks/results", help="where quality.{json,md,png} go")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    output = Path(args.output)
+    output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     sweep = [Run(t, a, lr, args.seeds[0]) for t in args.tasks for a in args.adapters for lr in args.learning_rates]
     with ThreadPoolExecutor(args.jobs) as pool:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Write the committed fine-tuning data of the embedded demo: ``data/tiny-demo/`` (deterministic, ~0.4 MB).
 
-    python scripts/make_demo_data.py [--output data/tiny-demo]
+    python scripts/make_demo_data.py [--output_dir data/tiny-demo]
 
 Two tasks on the held-out parts of the shapes domain, each a small training folder and a larger reference
 folder drawn with another seed (for FID), both ``imagefolder`` layouts with a ``metadata.jsonl``:
@@ -39,7 +39,7 @@ def write_demo_data(output: str | Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", default="data/tiny-demo", help="where the folders are written")
+    parser.add_argument("--output_dir", default="data/tiny-demo", help="where the folders are written")
     for folder in write_demo_data(parser.parse_args().output):
         print(f"Wrote {folder}")
 

@@ -54,7 +54,7 @@ SCHEDULE = {
     "timestep_spacing": "trailing",
     "clip_sample": False,
 }
-# The prompts of the base's acceptance check (issue 6): each of the four shapes, each colour twice.
+# The prompts of the base's acceptance check: each of the four shapes, each colour twice.
 CHECK_SPECS = [
     ShapeSpec("circle", "red", "large", "center", "white"),
     ShapeSpec("square", "blue", "large", "center", "white"),
@@ -230,7 +230,7 @@ def check_prompts(pipe: StableDiffusionPipeline, guidance_scale: float, args: ar
 
 def write_report(out: Path, args: argparse.Namespace, stats: dict) -> None:
     """TRAINING.md: how the committed weights were made, so that anyone can remake or judge them."""
-    settings = "\n".join(f"| `{k}` | {v} |" for k, v in vars(args).items() if k != "output")
+    settings = "\n".join(f"| `{k}` | {v} |" for k, v in vars(args).items() if k != "output_dir")
     results = "\n".join(f"| {k} | {v} |" for k, v in stats.items())
     out.joinpath("TRAINING.md").write_text(
         "# tiny-shapes-t2i: how it was trained\n\n"
@@ -244,28 +244,28 @@ def write_report(out: Path, args: argparse.Namespace, stats: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
+    parser.add_argument("--output_dir", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init-from", type=Path, help="a saved base to train further (skips the VAE stage)")
+    parser.add_argument("--init_from", type=Path, help="a saved base to train further (skips the VAE stage)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--images", type=int, default=20000)
-    parser.add_argument("--vae-steps", type=int, default=500)
-    parser.add_argument("--vae-batch-size", type=int, default=32)
-    parser.add_argument("--vae-lr", type=float, default=2e-3)
-    parser.add_argument("--kl-weight", type=float, default=1e-6)
+    parser.add_argument("--vae_steps", type=int, default=500)
+    parser.add_argument("--vae_batch_size", type=int, default=32)
+    parser.add_argument("--vae_lr", type=float, default=2e-3)
+    parser.add_argument("--kl_weight", type=float, default=1e-6)
     parser.add_argument("--width", type=int, default=32, help="UNet base channels")
-    parser.add_argument("--text-width", type=int, default=64)
+    parser.add_argument("--text_width", type=int, default=64)
     parser.add_argument("--steps", type=int, default=1600)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch_size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--caption-dropout", type=float, default=0.1)
-    parser.add_argument("--ema-decay", type=float, default=0.995)
-    parser.add_argument("--inference-steps", type=int, default=25)
+    parser.add_argument("--caption_dropout", type=float, default=0.1)
+    parser.add_argument("--ema_decay", type=float, default=0.995)
+    parser.add_argument("--inference_steps", type=int, default=25)
     parser.add_argument(
-        "--guidance-scales", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="checked; the best is kept"
+        "--guidance_scales", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="checked; the best is kept"
     )
-    parser.add_argument("--check-per-prompt", type=int, default=8)
+    parser.add_argument("--check_per_prompt", type=int, default=8)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -308,7 +308,7 @@ def main() -> None:
         requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    pipe.save_pretrained(args.output, safe_serialization=True)
+    pipe.save_pretrained(args.output_dir, safe_serialization=True)
     stats = {
         "VAE reconstruction MSE (posterior mean, first 512 images, [-1, 1] scale)": round(vae_mse, 5),
         "latent scaling_factor": args.scale,
@@ -332,8 +332,8 @@ def main() -> None:
         "guidance_scale": max(checks, key=lambda g: checks[g]["all"]),
         "check_prompts": [{"prompt": caption(s), "shape": s.shape, "colour": s.colour} for s in CHECK_SPECS],
     }
-    args.output.joinpath("generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
-    write_report(args.output, args, stats)
+    args.output_dir.joinpath("generation_defaults.json").write_text(json.dumps(defaults, indent=2) + "\n")
+    write_report(args.output_dir, args, stats)
     print(json.dumps(stats, indent=2))
 
 

@@ -87,13 +87,13 @@ def demo_comparison(demo_dir: Path, path: Path, count: int = 10) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo_dir", default="outputs/tiny-demo")
-    parser.add_argument("--output", default="docs")
+    parser.add_argument("--output_dir", default="docs")
     args = parser.parse_args()
-    Path(args.output).mkdir(parents=True, exist_ok=True)
-    share = base_samples(Path(args.output, "base-samples.png"))
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    share = base_samples(Path(args.output_dir, "base-samples.png"))
     print(f"base samples: prompted shape and colour in {share:.1%}")
-    demo_comparison(Path(args.demo_dir), Path(args.output, "tiny-demo.png"))
-    print(f"Wrote {args.output}/base-samples.png and {args.output}/tiny-demo.png")
+    demo_comparison(Path(args.demo_dir), Path(args.output_dir, "tiny-demo.png"))
+    print(f"Wrote {args.output_dir}/base-samples.png and {args.output_dir}/tiny-demo.png")
 
 
 if __name__ == "__main__":

@@ -64,12 +64,13 @@ def accuracy(model: DomainClassifier, x: torch.Tensor, labels: dict[str, torch.T
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=default_classifier_path())
+    parser.add_argument("--output_dir", type=Path, default=default_classifier_path().parent,
+                        help="the folder of the classifier files (default: the package assets)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-images", type=int, default=12000)
-    parser.add_argument("--eval-images", type=int, default=2000)
+    parser.add_argument("--train_images", type=int, default=12000)
+    parser.add_argument("--eval_images", type=int, default=2000)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--batch-size", type=int, default=96)
+    parser.add_argument("--batch_size", type=int, default=96)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu")
@@ -103,13 +104,13 @@ def main() -> None:
         "held_out_accuracy_augmented": accuracy(model, augment(x_eval, generator), labels_eval),
         "eval_images": x_eval.shape[0],
         "eval_seed": args.seed + 10_000,
-        "settings": {k: v for k, v in vars(args).items() if k != "output"},
+        "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},
         "wall_time_s": round(time.time() - start, 1),
         "final_loss": round(loss.item(), 5),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    model.cpu().save(args.output)
-    eval_path = args.output.with_name("shapes-classifier-eval.json")
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model.cpu().save(args.output_dir / default_classifier_path().name)
+    eval_path = args.output_dir / "shapes-classifier-eval.json"
     eval_path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 

@@ -2,7 +2,7 @@
 
 Every function takes "tall" matrices ``X`` of shape ``(..., n, r)`` with ``n >= r`` and orthonormal columns
 (``Xᵀ X = I``), and works on any number of leading batch dimensions, so that all adapter factors of one
-shape are handled by one call (one batched SVD per shape, spec §3.4). Inputs of lower precision are
+shape are handled by one call (one batched SVD per shape, docs/algorithm.md §3.4). Inputs of lower precision are
 computed in float32 and returned in float32: callers cast back when they write into a parameter.
 """
 
@@ -109,7 +109,7 @@ def _newton_schulz_correction(x: torch.Tensor) -> torch.Tensor:
 
 
 def retract_exp(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """Exponential map of the canonical metric (spec §3.3).
+    """Exponential map of the canonical metric (docs/algorithm.md §3.3).
 
     With ``A = Xᵀ Δ`` and ``Q R = qr(Δ − X A)``: ``X' = [X Q] · expm([[A, −Rᵀ], [R, 0]])[:, :r]``, followed by a
     Newton–Schulz step against accumulated rounding (see `_newton_schulz_correction`).
@@ -179,7 +179,7 @@ def riemannian_update(
     method: Retraction = "polar",
     step_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
-    """The post-step of spec §3.3: scale the optimizer's step, project it, retract it.
+    """The post-step of docs/algorithm.md §3.3: scale the optimizer's step, project it, retract it.
 
     ``step_scale`` multiplies ``Δ = X' − X`` (``1 / sqrt(n / c)`` for gradient scaling); it may be a tensor
     broadcastable to the batch (one factor per matrix).

@@ -1,4 +1,4 @@
-"""Any torch optimizer made Riemannian for StelLA's Stiefel factors (spec §3).
+"""Any torch optimizer made Riemannian for StelLA's Stiefel factors (docs/algorithm.md §3).
 
 `make_riemannian(optimizer, model)` registers torch's public step pre/post hooks on the optimizer:
 
@@ -151,7 +151,7 @@ def stella_config(model: nn.Module) -> StellaConfig | None:
 
 
 def stella_parameter_groups(model: nn.Module, weight_decay: float = 0.0) -> list[dict[str, Any]]:
-    """Parameter groups with the Stiefel factors excluded from weight decay (spec §3).
+    """Parameter groups with the Stiefel factors excluded from weight decay (docs/algorithm.md §3).
 
     Weight decay would pull ``U`` and ``V`` off the manifold only to be undone by the retraction; ``S`` and
     any other trainable parameter keep ``weight_decay``.

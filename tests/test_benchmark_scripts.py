@@ -38,8 +38,8 @@ def _positive(x: float) -> bool:
 @pytest.mark.slow
 @pytest.mark.usefixtures("_keep_threads")
 def test_optimizer_overhead_quick(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    output = tmp_path / "results" / "overhead.json"
-    result = _load("optimizer_overhead").main(["--quick", "--device", "cpu", "--output", str(output)])
+    output = tmp_path / "results" / "optimizer_overhead.json"
+    result = _load("optimizer_overhead").main(["--quick", "--device", "cpu", "--output_dir", str(output.parent)])
 
     assert json.loads(output.read_text(encoding="utf-8")) == json.loads(json.dumps(result))
     assert result["config"]["quick"] and result["config"]["device"] == "cpu"

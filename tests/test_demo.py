@@ -20,7 +20,7 @@ DEMO_DATA = REPO / "data" / "tiny-demo"
 
 
 def test_committed_demo_data_is_what_the_script_writes(tmp_path) -> None:
-    subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--output", str(tmp_path)],
+    subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--output_dir", str(tmp_path)],
                    check=True, capture_output=True, timeout=120)
     folders = sorted(p.name for p in tmp_path.iterdir())
     assert folders == sorted(p.name for p in DEMO_DATA.iterdir() if p.is_dir())

@@ -76,7 +76,7 @@ def test_classifier_is_accurate_on_fresh_images() -> None:
 
 @pytest.mark.slow
 def test_base_draws_the_prompted_shape_and_colour(pipe: StableDiffusionPipeline, defaults: dict) -> None:
-    """The acceptance check of issue 6: ≥ 80 % of generations show the prompted shape and colour."""
+    """The acceptance check of the embedded base: ≥ 80 % of generations show the prompted shape and colour."""
     expected = [c for c in defaults["check_prompts"] for _ in range(4)]
     images = pipe(
         [c["prompt"] for c in expected],
@@ -104,10 +104,10 @@ def test_pretraining_script_makes_a_loadable_base_and_reports_the_vae_from_scrat
     import sys
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "pretrain_tiny_base.py"
-    tiny = ["--threads", "1", "--images", "64", "--vae-steps", "2", "--steps", "2", "--batch-size", "4",
-            "--vae-batch-size", "4", "--inference-steps", "2", "--guidance-scales", "2", "--check-per-prompt", "1"]
-    stages = [["--output", str(tmp_path / "stage1")],
-              ["--output", str(tmp_path / "stage2"), "--init-from", str(tmp_path / "stage1"), "--seed", "1"]]
+    tiny = ["--threads", "1", "--images", "64", "--vae_steps", "2", "--steps", "2", "--batch_size", "4",
+            "--vae_batch_size", "4", "--inference_steps", "2", "--guidance_scales", "2", "--check_per_prompt", "1"]
+    stages = [["--output_dir", str(tmp_path / "stage1")],
+              ["--output_dir", str(tmp_path / "stage2"), "--init_from", str(tmp_path / "stage1"), "--seed", "1"]]
     for stage in stages:
         done = subprocess.run([sys.executable, str(script), *tiny, *stage], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-2000:]

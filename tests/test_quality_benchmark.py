@@ -54,7 +54,7 @@ def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     quality = _quality()
     result = quality.main(["--tasks", "concept", "--adapters", "stella", "--learning_rates", "1e-3", "--seeds",
                            "0", "1", "--max_train_steps", "1", "--num_eval_images", "2", "--jobs", "2",
-                           "--work_dir", str(tmp_path / "work"), "--output", str(tmp_path / "out")])
+                           "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "out")])
     assert [r["seed"] for r in result["runs"]] == [0, 1]
     assert all(r["wall_seconds"] > 0 for r in result["runs"])
     saved = json.loads((tmp_path / "out" / "quality.json").read_text())
@@ -64,5 +64,5 @@ def test_quality_benchmark_runs_end_to_end(tmp_path: Path) -> None:
     # finished runs are reused: a second call trains nothing and gives the same numbers
     again = quality.main(["--tasks", "concept", "--adapters", "stella", "--learning_rates", "1e-3", "--seeds",
                           "0", "1", "--max_train_steps", "1", "--num_eval_images", "2",
-                          "--work_dir", str(tmp_path / "work"), "--output", str(tmp_path / "out")])
+                          "--work_dir", str(tmp_path / "work"), "--output_dir", str(tmp_path / "out")])
     assert [r["fid"] for r in again["runs"]] == [r["fid"] for r in result["runs"]]

@@ -29,12 +29,12 @@ from stella_diffusion import (
     StellaConfig,
     StellaLayer,
     create_stella_optimizer,
-    domain,
     orthonormality_error,
     stiefel_parameters,
 )
 from stella_diffusion.integrations.presets import LLM_TARGET_MODULES, target_modules_for
 from stella_diffusion.integrations.transformers import StellaTrainer
+from stella_diffusion.shapes import domain
 
 VOCAB, LENGTH = 32, 10
 # initializer_range 0.1: with the default 0.02 a frozen random lm_head caps the logits near 1 and the loss plateaus

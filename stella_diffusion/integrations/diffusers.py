@@ -1,7 +1,7 @@
 """StelLA on diffusers pipelines: target presets, the LoRA export that stock diffusers loads, native checkpoints.
 
-The export (spec §4) is a plain rank-r LoRA: ``lora_A = Vt`` and ``lora_B = s · U S`` (alpha = r, scale 1),
-so ``pipe.load_lora_weights(dir)``, ``fuse_lora``, ``set_adapters`` and ``unload_lora_weights`` work on it
+The export (docs/algorithm.md §4) is a plain rank-r LoRA: ``lora_A = Vt`` and ``lora_B = s · U S`` (alpha = r,
+scale 1), so ``pipe.load_lora_weights(dir)``, ``fuse_lora``, ``set_adapters`` and ``unload_lora_weights`` work on it
 without this package. The native checkpoint keeps U, S, V and the config, so training can resume.
 """
 
@@ -33,7 +33,7 @@ ADAPTABLE_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2",
 _ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 _JOINT_ATTENTION = _ATTENTION + ["add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
-# Attention projections per model class (spec §5: q/k/v/out of every self- and cross-attention).
+# Attention projections per model class (docs/algorithm.md §5: q/k/v/out of every self- and cross-attention).
 TARGET_PRESETS: dict[str, list[str]] = {
     "UNet2DConditionModel": _ATTENTION,  # SD 1.x / 2.x / SDXL
     "SD3Transformer2DModel": _JOINT_ATTENTION,

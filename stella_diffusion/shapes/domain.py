@@ -38,7 +38,6 @@ SPLITS = ("pretrain", "concept", "style")
 
 CONCEPT_TOKEN = "sks"
 INSTANCE_PROMPT = f"a photo of {CONCEPT_TOKEN} shape"
-CLASS_PROMPT = "a photo of a shape"
 
 # Every attribute a classifier head predicts, in label order.
 ATTRIBUTES: dict[str, tuple[str, ...]] = {

@@ -1,4 +1,4 @@
-"""`StellaConfig`: the peft configuration of a StelLA adapter (spec §1–3)."""
+"""`StellaConfig`: the peft configuration of a StelLA adapter (docs/algorithm.md §1–3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""StelLA adapter layers: ``y = W x + b + s · U S Vᵀ dropout(x)`` (spec §1–2).
+"""StelLA adapter layers: ``y = W x + b + s · U S Vᵀ dropout(x)`` (docs/algorithm.md §1–2).
 
 ``U`` (out × r) and ``Vt`` (r × in) are kept orthonormal by the Riemannian optimizer (`stella_diffusion.optim`);
 ``S`` is free. The three factors read like three linear maps ``in → r → r → out``, so the forward pass never
@@ -41,7 +41,7 @@ class StellaLayer(BaseTunerLayer):
     """State and math shared by every StelLA layer type (one entry per adapter name in each dict)."""
 
     adapter_layer_names = ("stella_U", "stella_S", "stella_Vt")
-    # the frozen initial factors of a function-preserving start (spec §2) are buffers, saved with the adapter
+    # the frozen initial factors of a function-preserving start (docs/algorithm.md §2): buffers, saved with the adapter
     other_param_names = ("r", "alpha", "scaling", "stella_dropout", "stella_U0", "stella_S0", "stella_Vt0")
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
@@ -108,7 +108,7 @@ class StellaLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def reset_stella_parameters(self, adapter_name: str, init_weights: str) -> None:
-        """Initialise U, S, V (spec §2): orthonormal at random, or from the SVD of the base weight."""
+        """Initialise U, S, V (docs/algorithm.md §2): orthonormal at random, or from the SVD of the base weight."""
         r = self.r[adapter_name]
         u, s, vt = self.stella_U[adapter_name], self.stella_S[adapter_name], self.stella_Vt[adapter_name]
         if init_weights == "orthonormal":
