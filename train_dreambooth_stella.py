@@ -30,7 +30,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from PIL import Image
@@ -101,7 +101,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--eval_feature_extractor", type=str, default="inception",
          help="FID features: inception (torch-fidelity's FID Inception, from the torch hub cache), domain (the "
               "shapes classifier shipped with the package, which also scores the prompted attributes) or "
-              "module:callable.")
+              "module:callable, which IMPORTS AND RUNS that module (accepted on the command line only, never from "
+              "a --config file).")
     flag("--eval_base", action=argparse.BooleanOptionalAction, default=True,
          help="Also score the base model (--no-eval_base skips it, e.g. in sweeps that score it once).")
     # adapter
@@ -164,6 +165,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--adam_weight_decay", type=float, default=1e-2, help="Weight decay (never applied to StelLA's U and V).")
     flag("--adam_epsilon", type=float, default=1e-08)
     flag("--max_grad_norm", type=float, default=1.0, help="Gradient clipping norm.")
+    flag("--max_skipped_steps", type=int, default=8,
+         help="Stop the run after more than this many optimizer steps in a row skipped for non-finite gradients.")
+    flag("--max_orthonormality_error", type=float, default=1e-3,
+         help="StelLA: stop the run when max|UᵀU − I| exceeds this after a step (U, V have left the manifold).")
     # system
     flag("--logging_dir", type=str, default="logs", help="TensorBoard folder, relative to --output_dir.")
     flag("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, comet_ml, all or none.")
@@ -208,9 +213,13 @@ def main(args: argparse.Namespace) -> None:
     family.check_resolution(args.resolution)
     instance_records = data.training_records(args)
     adapter = adapters.make_adapter(adapters.AdapterSettings.from_args(args))
+    trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
+    trained_names = model_setup.present_components(args.pretrained_model_name_or_path, args.revision, trained_names)
+    model_setup.check_adapter_targets(args.pretrained_model_name_or_path, args.revision, trained_names, adapter)
     resume_dir = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:
         checkpoints.check_resume_compatible(resume_dir, adapter)
+    config.check_output_dir(args.output_dir)
     if args.seed is None:
         args.seed = random.randrange(2**31)
 
@@ -257,8 +266,6 @@ def main(args: argparse.Namespace) -> None:
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
     for module in modules.values():
         module.requires_grad_(False)
-    trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
-    trained_names = [name for name in trained_names if modules.get(name) is not None]
     for name in trained_names:
         adapter.add_to(name, modules[name])
     components = {name: modules[name] for name in trained_names}  # unwrapped: what the hooks save and export
@@ -278,20 +285,23 @@ def main(args: argparse.Namespace) -> None:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict), not the frozen model.
+    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict) and the history as JSON,
+    # not the frozen model; nothing in them is ever unpickled.
+    history = checkpoints.TrainingHistory()
+
     def save_model_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         if accelerator.is_main_process:
             adapter.save(output_dir, components)
+            history.save(Path(output_dir, checkpoints.HISTORY_NAME))
         weights.clear()
 
     def load_model_hook(models: list[nn.Module], input_dir: str) -> None:
         models.clear()
         adapter.load(input_dir, components)
+        history.load(Path(input_dir, checkpoints.HISTORY_NAME))
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
-    history = checkpoints.TrainingHistory()
-    accelerator.register_for_checkpointing(history)
 
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
@@ -332,6 +342,7 @@ def main(args: argparse.Namespace) -> None:
     prepared = accelerator.prepare(*components.values(), optimizer, train_dataloader, lr_scheduler)
     *trained_models, optimizer, train_dataloader, lr_scheduler = prepared
     trained = dict(zip(components, trained_models, strict=True))  # possibly DDP-wrapped
+    trained_params = [p for m in trained_modules for p in m.parameters() if p.requires_grad]
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
@@ -371,6 +382,7 @@ def main(args: argparse.Namespace) -> None:
     progress_bar = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps",
                         disable=not accelerator.is_local_main_process)
     micro_losses: list[float] = []
+    skipped_in_a_row = 0
     try:
         for epoch in range(first_epoch, args.num_train_epochs):
             for model in trained.values():
@@ -397,8 +409,7 @@ def main(args: argparse.Namespace) -> None:
                     micro_losses.append(loss_value)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
-                        params = [p for m in trained.values() for p in m.parameters() if p.requires_grad]
-                        accelerator.clip_grad_norm_(params, args.max_grad_norm)
+                        accelerator.clip_grad_norm_(trained_params, args.max_grad_norm)
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad()
@@ -407,18 +418,24 @@ def main(args: argparse.Namespace) -> None:
                     continue
                 progress_bar.update(1)
                 global_step += 1
+                skipped = bool(riemannian and riemannian.last_step_skipped)
+                skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
                 record = {"step": global_step, "epoch": epoch, "loss": float(np.mean(micro_losses)),
-                          "lr": lr_scheduler.get_last_lr()[0],
+                          "lr": lr_scheduler.get_last_lr()[0], "skipped": skipped,
+                          "skipped_steps": riemannian.skipped_steps if riemannian else 0,
                           "orthonormality_error": riemannian.orthonormality_error() if riemannian else None}
                 micro_losses.clear()
                 history.append(**record)
-                accelerator.log({k: v for k, v in record.items() if v is not None and k != "step"}, step=global_step)
-                progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-                saves = accelerator.is_main_process or accelerator.distributed_type == DistributedType.DEEPSPEED
-                if global_step % args.checkpointing_steps == 0 and saves:
-                    for removed in checkpoints.prune_checkpoints(args.output_dir, args.checkpoints_total_limit):
-                        logger.info(f"Removed old checkpoint {removed}")
-                    accelerator.save_state(str(Path(args.output_dir, f"checkpoint-{global_step}")))
+                accelerator.log({k: float(v) for k, v in record.items() if v is not None and k != "step"},
+                                step=global_step)
+                progress_bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
+                                         skipped=record["skipped_steps"])
+                if global_step % args.checkpointing_steps == 0:
+                    healthy = checkpoints.is_healthy(record, trained_params, args.max_orthonormality_error)
+                    checkpoints.save_checkpoint_on_main(accelerator, args.output_dir, global_step, record,
+                                                        healthy=healthy, total_limit=args.checkpoints_total_limit)
+                checkpoints.check_divergence(record, skipped_in_a_row, args.max_skipped_steps,
+                                             args.max_orthonormality_error, args.output_dir)
 
             if accelerator.is_main_process and args.validation_prompt and epoch % args.validation_epochs == 0:
                 for model in trained.values():
@@ -430,12 +447,13 @@ def main(args: argparse.Namespace) -> None:
     finally:
         progress_bar.close()
         if accelerator.is_main_process:
-            history.save(Path(args.output_dir, outputs.HISTORY_NAME))
+            history.save(Path(args.output_dir, checkpoints.HISTORY_NAME))
             if history.records:
                 outputs.plot_training_curves(history.records, Path(args.output_dir, outputs.PLOT_NAME))
 
     # The final export: a plain LoRA file a stock pipeline loads, the resumable adapter, images and the card.
     accelerator.wait_for_everyone()
+    model_setup.check_identical_across_processes(accelerator, trained_params)
     if accelerator.is_main_process:
         export = adapter.export(args.output_dir, type(pipe), components)
         adapter.save(args.output_dir, components)

@@ -40,7 +40,7 @@ def write_demo_data(output: str | Path) -> list[Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="data/tiny-demo", help="where the folders are written")
-    for folder in write_demo_data(parser.parse_args().output):
+    for folder in write_demo_data(parser.parse_args().output_dir):
         print(f"Wrote {folder}")
 
 

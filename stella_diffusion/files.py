@@ -5,7 +5,10 @@ Training, evaluation and the shapes demo all read these the same way, so the hel
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +57,16 @@ def read_prompts(path: str | Path) -> list[str]:
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """The JSON objects of a ``.jsonl`` file with their line numbers (from 1); blank lines are skipped.
 
-    A line that is not a JSON object raises ``ValueError`` naming the file and the line, so a caller can say
-    which row of a hand-edited ``metadata.jsonl`` is broken.
+    A file that is not UTF-8 (a byte-order mark is accepted) or a line that is not a JSON object raises
+    ``ValueError`` naming the file (and the line), so a caller can say which row of a hand-edited
+    ``metadata.jsonl`` is broken.
     """
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text (byte {err.start}: {err.reason}).") from None
     rows = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -80,3 +88,27 @@ def is_readable_image(path: str | Path) -> bool:
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False
     return True
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; renamed onto ``path`` only if the block completes.
+
+    A kill or an error part-way leaves the previous file (or no file) in place, never a torn one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """``path.write_text(text)`` through `atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -13,7 +13,8 @@ import torch
 from diffusers import DiffusionPipeline, UNet2DConditionModel
 
 from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME, add_stella_adapter
-from stella_diffusion.training.outputs import EVAL_DIR, HISTORY_NAME
+from stella_diffusion.training.checkpoints import HISTORY_NAME
+from stella_diffusion.training.outputs import EVAL_DIR
 
 from ._devices import needs_cuda
 from ._train_fixtures import REPO, SCRIPT

@@ -30,11 +30,12 @@ from stella_diffusion.training.adapters import (
     read_saved_settings,
     save_peft_lora_export,
 )
+from stella_diffusion.training.checkpoints import HISTORY_NAME, save_checkpoint
 from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.data import captioned_records, folder_images
 from stella_diffusion.training.families import FAMILIES
 from stella_diffusion.training.model_setup import enable_xformers
-from stella_diffusion.training.outputs import HISTORY_NAME, PLOT_NAME
+from stella_diffusion.training.outputs import PLOT_NAME
 
 from ._train_fixtures import (
     PROMPT,
@@ -176,9 +177,10 @@ def _bad_inputs(sd_pipeline, concept_dir, tmp_path):
     not_a_pipeline = tmp_path / "not-a-pipeline"
     not_a_pipeline.mkdir()
     (not_a_pipeline / "unet.safetensors").write_bytes(b"")
-    checkpoint = tmp_path / "out" / "checkpoint-2"
-    checkpoint.mkdir(parents=True)
-    make_adapter(adapter="stella", rank=8, alpha=4.0).save(checkpoint, {"unet": _adapted_unet(sd_pipeline, 8)})
+    other = make_adapter(adapter="stella", rank=8, alpha=4.0)
+    unet = _adapted_unet(sd_pipeline, 8)
+    checkpoint = save_checkpoint(tmp_path / "out", 2, lambda folder: other.save(folder, {"unet": unet}),
+                                 {"loss": 0.5}, healthy=True)
     return {
         "missing data folder": (tmp_path / "nowhere", [], "no such folder"),
         "empty data folder": (empty, [], "is empty"),

@@ -5,6 +5,9 @@ that need neither a model nor data (each failure is one `TrainingError` line, be
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,6 +52,11 @@ def read_yaml_config(path: str | Path) -> dict[str, Any]:
     return values
 
 
+# Flags whose ``module:callable`` values import and run code: a config file may not set those (a shared YAML file
+# would otherwise run whatever it names); the command line, where the user types it, may.
+CODE_LOADING_FLAGS = frozenset({"eval_feature_extractor"})
+
+
 def config_to_argv(parser: argparse.ArgumentParser, values: Mapping[str, Any], source: str | Path) -> list[str]:
     """Command-line tokens for config ``values`` (``None`` = not set; booleans → ``--flag`` / ``--no-flag``)."""
     actions = {a.dest: a for a in parser._actions if a.option_strings}  # argparse has no public action lookup
@@ -59,6 +67,9 @@ def config_to_argv(parser: argparse.ArgumentParser, values: Mapping[str, Any], s
             raise TrainingError(f"--config {source}: unknown key {key!r} (keys are the script's flag names).")
         if value is None:
             continue
+        if dest in CODE_LOADING_FLAGS and ":" in str(value):
+            raise TrainingError(f"--config {source}: {key} {value!r} would import and run that module; a config "
+                                f"file may not do that. Pass --{dest} on the command line if you trust it.")
         flag = f"--{dest}"
         if isinstance(actions[dest], argparse.BooleanOptionalAction):
             if not isinstance(value, bool):
@@ -85,9 +96,25 @@ def bool_or_float(value: str) -> bool | float:
         width = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected true, false or a positive number, got {value!r}") from None
-    if width <= 0:
-        raise argparse.ArgumentTypeError(f"a reference width must be positive, got {value!r}")
+    if not math.isfinite(width) or width <= 0:
+        raise argparse.ArgumentTypeError(f"a reference width must be a positive number, got {value!r}")
     return width
+
+
+# Flags that must be positive integers when given (None means "not set" for the optional ones).
+_POSITIVE_INTEGERS = ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs",
+                      "checkpointing_steps", "validation_epochs", "num_validation_images", "num_class_images",
+                      "sample_batch_size", "max_train_steps", "checkpoints_total_limit", "num_inference_steps",
+                      "max_sequence_length", "num_eval_images", "max_skipped_steps")
+_NON_NEGATIVE_INTEGERS = ("lr_warmup_steps", "dataloader_num_workers", "lr_num_cycles")
+_FINITE_FLOATS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
+                  "lora_alpha", "prior_loss_weight", "snr_gamma", "noise_offset", "logit_mean", "logit_std",
+                  "mode_scale", "guidance_scale", "validation_guidance_scale", "lr_power",
+                  "max_orthonormality_error")
+_POSITIVE_FLOATS = ("learning_rate", "adam_epsilon", "max_grad_norm", "lora_alpha", "snr_gamma",
+                    "max_orthonormality_error")
+# Trackers accelerate can log to, by the module each needs.
+_TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -96,21 +123,57 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--pretrained_model_name_or_path is required.")
     if args.instance_data_dir is None:
         raise TrainingError("--instance_data_dir is required (the DreamBooth images or the captioned image folder).")
-    for flag in ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution"):
-        value = getattr(args, flag)
-        if value <= 0:
+    for flag in _POSITIVE_INTEGERS:
+        value = getattr(args, flag, None)
+        if value is not None and value <= 0:
             raise TrainingError(f"--{flag} must be a positive integer, got {value}.")
-    if args.lora_alpha is not None and args.lora_alpha <= 0:
-        raise TrainingError(f"--lora_alpha must be positive, got {args.lora_alpha}.")
+    for flag in _NON_NEGATIVE_INTEGERS:
+        value = getattr(args, flag, None)
+        if value is not None and value < 0:
+            raise TrainingError(f"--{flag} must be zero or more, got {value}.")
+    for flag in _FINITE_FLOATS:
+        value = getattr(args, flag, None)
+        if value is None:
+            continue
+        if not math.isfinite(value):
+            raise TrainingError(f"--{flag} must be a finite number, got {value}.")
+        if flag in _POSITIVE_FLOATS and value <= 0:
+            raise TrainingError(f"--{flag} must be positive, got {value}.")
+    if not 0.0 <= args.lora_dropout < 1.0:
+        raise TrainingError(f"--lora_dropout must be in [0, 1), got {args.lora_dropout}.")
     if args.with_prior_preservation and (args.class_data_dir is None or args.class_prompt is None):
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise TrainingError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.") from None
+    if args.lora_layers is not None and not all(t.strip() for t in args.lora_layers.split(",")):
+        raise TrainingError(f"--lora_layers {args.lora_layers!r} has an empty entry.")
+    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
+        raise TrainingError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+    trackers = [] if args.report_to == "none" else list(_TRACKER_MODULES) if args.report_to == "all" else [
+        args.report_to]
+    for tracker in trackers:
+        if tracker not in _TRACKER_MODULES:
+            raise TrainingError(f"--report_to {tracker!r}: choose from {', '.join(_TRACKER_MODULES)}, all or none.")
+        if args.report_to != "all" and importlib.util.find_spec(_TRACKER_MODULES[tracker]) is None:
+            raise TrainingError(f"--report_to {tracker} needs the {tracker} package: `pip install {tracker}` "
+                                "(or --report_to none).")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
 
         if not is_xformers_available():
             raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`.")
+
+
+def check_output_dir(output_dir: str | Path) -> None:
+    """Try writing into ``output_dir`` (made if absent, and removed again if it was) before any work starts."""
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingError(f"--output_dir {output_dir} is a file, not a folder.")
+    first_missing = next((p for p in reversed([output_dir, *output_dir.parents]) if not p.exists()), None)
+    probe = output_dir / ".write-probe"
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise TrainingError(f"--output_dir {output_dir} cannot be written: {err.strerror or err}.") from None
+    if first_missing is not None:  # leave nothing behind: the run makes it again once every check has passed
+        shutil.rmtree(first_missing)

@@ -87,9 +87,17 @@ def captioned_records(folder: str | Path, caption_column: str = "text") -> list[
                 f"{metadata} line {number} needs 'file_name' and the caption column {caption_column!r}; "
                 f"it has {sorted(row)}."
             )
-        path = folder / row["file_name"]
+        name, caption = row["file_name"], row[caption_column]
+        if not isinstance(name, str) or not name.strip():
+            raise TrainingError(f"{metadata} line {number}: 'file_name' must be a file name, got {name!r}.")
+        if not isinstance(caption, str) or not caption.strip():
+            raise TrainingError(f"{metadata} line {number}: the caption ({caption_column!r}) must be a non-empty "
+                                f"string, got {caption!r}.")
+        path = (folder / name).resolve()
+        if not path.is_relative_to(folder.resolve()):
+            raise TrainingError(f"{metadata} line {number}: 'file_name' {name!r} points outside {folder}.")
         if path.is_file() and is_readable_image(path):
-            records.append(ImageRecord(path, str(row[caption_column])))
+            records.append(ImageRecord(path, caption))
         else:
             _warn_skipped(path)
     if not records:

@@ -1,11 +1,25 @@
-"""Preparing the pipeline's models for training: precision that keeps the adapters in float32, xformers."""
+"""Preparing the pipeline's models for training: the adapter checked against the models' configs before any
+weight is read, precision that keeps the adapters in float32, xformers."""
 
 from __future__ import annotations
 
-import torch
-from torch import nn
+import hashlib
+import importlib
+from collections.abc import Sequence
+from typing import Any
 
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from diffusers import DiffusionPipeline
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .adapters import Adapter
 from .config import TrainingError
+
+logger = get_logger(__name__)
 
 
 def enable_xformers(model: nn.Module) -> None:
@@ -37,3 +51,94 @@ def cast_frozen_parameters(model: nn.Module, dtype: torch.dtype) -> None:
     model.to(dtype)
     for param, data in trainable:
         param.data = data
+
+
+def _component_on_meta(model_path: str, revision: str | None, name: str, entry: Any) -> nn.Module:
+    """The pipeline component ``name`` built from its config on the meta device (no weights are read)."""
+    library, class_name = entry
+    cls = getattr(importlib.import_module(library), class_name)
+    try:
+        if library == "transformers":
+            config = transformers.AutoConfig.from_pretrained(model_path, subfolder=name, revision=revision)
+        else:
+            config = cls.load_config(model_path, subfolder=name, revision=revision)
+    except Exception as err:  # hub / file errors come in many classes; all mean "no usable config there"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"--pretrained_model_name_or_path {model_path}: no usable {name}/ ({first}).") from err
+    with torch.device("meta"):
+        return cls._from_config(config) if library == "transformers" else cls.from_config(config)
+
+
+def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a layer an adapter can take, ``None`` for any other module."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return tuple(module.weight.shape)
+    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
+        return module.in_channels, module.out_channels
+    return None
+
+
+def check_adapter_targets(model_path: str, revision: str | None, components: Sequence[str],
+                          adapter: Adapter) -> None:
+    """Check the adapter against the models' configs before any weight is loaded.
+
+    Every target (``--lora_layers`` entry or preset) must match a layer an adapter can take, and the rank must
+    fit each matched layer (U and V need ``rank ≤ min(in, out)`` orthonormal columns; LoRA is held to the same
+    bound, so the comparison is like for like).
+
+    Args:
+        model_path: the pipeline folder or hub id.
+        revision: its revision on the hub.
+        components: the pipeline components that get the adapter (the denoiser first).
+        adapter: the adapter to add.
+    """
+    index = DiffusionPipeline.load_config(model_path, revision=revision)
+    for name in components:
+        entry = index.get(name)
+        if not entry or entry[0] is None:
+            raise TrainingError(f"--pretrained_model_name_or_path {model_path} has no {name} component.")
+        model = _component_on_meta(model_path, revision, name, entry)
+        layers = dict(model.named_modules())
+        for target in adapter.targets(name, model):
+            matched = {n: m for n, m in layers.items() if n == target or n.endswith("." + target)}
+            if not matched:
+                raise TrainingError(f"--lora_layers: {target!r} matches no module of the {name} "
+                                    f"({type(model).__name__}).")
+            for layer_name, layer in matched.items():
+                dims = _layer_dims(layer)
+                if dims is None:
+                    raise TrainingError(f"--lora_layers: {name}.{layer_name} is a {type(layer).__name__}; adapters "
+                                        "take Linear, Conv1D and 1x1 Conv2d layers.")
+                if adapter.settings.rank > min(dims):
+                    raise TrainingError(f"--rank {adapter.settings.rank} exceeds min(in, out) = {min(dims)} of "
+                                        f"{name}.{layer_name}; choose a rank of at most {min(dims)}.")
+
+
+def present_components(model_path: str, revision: str | None, names: Sequence[str]) -> list[str]:
+    """The ``names`` the pipeline's ``model_index.json`` lists with a model (e.g. SDXL has no ``text_encoder_3``)."""
+    index = DiffusionPipeline.load_config(model_path, revision=revision)
+    return [name for name in names if index.get(name) and index[name][0] is not None]
+
+
+@torch.no_grad()
+def check_identical_across_processes(accelerator: Accelerator, params: Sequence[torch.Tensor]) -> None:
+    """With several processes, check that every process ends with bit-identical trained parameters.
+
+    DDP averages gradients before each step and the Riemannian hooks run inside the step with the same inputs,
+    so U, S, V must agree to the bit; a difference would mean the export (written by the main process) is not
+    the model the other processes trained.
+    """
+    if accelerator.num_processes == 1:
+        return
+    digest = hashlib.sha256()
+    for param in params:
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()[:16]), dtype=torch.int64, device=accelerator.device)
+    every = accelerator.gather(mine[None]).reshape(accelerator.num_processes, -1)
+    if not bool((every == every[0]).all()):
+        raise TrainingError("The trained adapter differs between processes; the export would not be the model "
+                            "every process trained.")
+    logger.info(f"Trained adapter identical on all {accelerator.num_processes} processes (sha256 "
+                f"{digest.hexdigest()[:16]}).")

@@ -17,7 +17,6 @@ from ..integrations.diffusers import LORA_WEIGHT_NAME
 from .adapters import Adapter
 
 PLOT_NAME = "training_curves.png"
-HISTORY_NAME = "training_history.json"
 EVAL_DIR = "eval"  # under --output_dir: the evaluation images and report
 
 
