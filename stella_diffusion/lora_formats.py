@@ -12,7 +12,7 @@ alpha = rank everywhere); only the key layout differs:
   ``ss_*`` metadata as sd-scripts writes it. For ComfyUI, A1111 / Forge, kohya tools and diffusers.
 - ``bfl`` (Flux only, ``pytorch_lora_weights_bfl.safetensors``): ComfyUI's native names
   ``diffusion_model.<BFL path>`` and ``text_encoders.clip_l.transformer.<CLIP path>`` with the same per-module
-  tensors; ComfyUI, Forge and diffusers read it.
+  tensors; ComfyUI and diffusers read it.
 
 CLIP text encoders are always named as in transformers 4 (``text_model.encoder.layers.N...``), whatever
 transformers is installed: transformers 5 dropped that level from ``CLIPTextModel``, and every consumer above
