@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from stella_diffusion import RETRACTIONS, make_riemannian, stella_parameter_groups
 from stella_diffusion.evaluation.comparison import EvaluationError, evaluate_against_base, evaluation_setup
+from stella_diffusion.integrations.lora_formats import FORMATS, save_lora_formats
 from stella_diffusion.training import adapters, checkpoints, config, data, families, model_setup, outputs
 from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.families import prior_preservation_loss
@@ -140,6 +141,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     # optimisation
     flag("--output_dir", type=str, default="stella-dreambooth-model",
          help="Where checkpoints, the exported LoRA, logs, images and the model card are written.")
+    flag("--export_format", type=str, action="append", choices=FORMATS, default=None,
+         help="LoRA file layout, repeatable: diffusers (pytorch_lora_weights.safetensors: diffusers' "
+              "load_lora_weights), kohya (..._kohya.safetensors: ComfyUI, A1111 / Forge, kohya tools), bfl (Flux "
+              "only, ..._bfl.safetensors). Default: diffusers and kohya where the pipeline has both.")
     flag("--seed", type=int, default=None, help="A seed for reproducible training.")
     flag("--train_batch_size", type=int, default=4, help="Batch size (per device) for training.")
     flag("--num_train_epochs", type=int, default=1)
@@ -216,6 +221,7 @@ def main(args: argparse.Namespace) -> None:
     trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
     trained_names = model_setup.present_components(args.pretrained_model_name_or_path, args.revision, trained_names)
     model_setup.check_adapter_targets(args.pretrained_model_name_or_path, args.revision, trained_names, adapter)
+    export_formats = adapter.choose_export_formats(getattr(diffusers, family.pipeline_class), args.export_format)
     resume_dir = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:
         checkpoints.check_resume_compatible(resume_dir, adapter)
@@ -455,9 +461,10 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     model_setup.check_identical_across_processes(accelerator, trained_params)
     if accelerator.is_main_process:
-        export = adapter.export(args.output_dir, type(pipe), components)
+        exports = save_lora_formats(args.output_dir, type(pipe), adapter.lora_states(components), export_formats,
+                                    training_metadata=outputs.kohya_training_metadata(args))
         adapter.save(args.output_dir, components)
-        logger.info(f"Saved {export}")
+        logger.info(f"Saved {', '.join(str(p) for p in exports.values())}")
         images, report = [], None
         validates = bool(args.validation_prompt and args.num_validation_images > 0)
         if validates or evaluation is not None:

@@ -13,9 +13,9 @@ from stella_diffusion.integrations.diffusers import (
     add_stella_adapter,
     load_stella_into_pipeline,
     pipeline_components,
-    save_lora_export,
     save_stella_checkpoint,
 )
+from stella_diffusion.integrations.lora_formats import save_lora_export
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 
 from .stock_runner import run_stock

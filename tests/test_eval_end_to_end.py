@@ -10,7 +10,8 @@ import pytest
 from diffusers import DiffusionPipeline
 from PIL import Image
 
-from stella_diffusion.integrations.diffusers import add_stella_adapter, save_lora_export
+from stella_diffusion.integrations.diffusers import add_stella_adapter
+from stella_diffusion.integrations.lora_formats import save_lora_export
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 
 EVAL = Path(__file__).resolve().parents[1] / "eval"

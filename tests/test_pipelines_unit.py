@@ -15,10 +15,10 @@ from stella_diffusion.integrations.diffusers import (
     add_stella_adapter,
     default_target_modules,
     load_stella_checkpoint,
-    save_lora_export,
     save_stella_checkpoint,
     stella_lora_state_dict,
 )
+from stella_diffusion.integrations.lora_formats import save_lora_export
 
 
 def _unet() -> UNet2DConditionModel:

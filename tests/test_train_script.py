@@ -22,13 +22,13 @@ from safetensors.torch import load_file
 
 from stella_diffusion.files import UnreadableImageWarning
 from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
+from stella_diffusion.integrations.lora_formats import save_lora_formats
 from stella_diffusion.shapes.domain import INSTANCE_PROMPT
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 from stella_diffusion.training.adapters import (
     PEFT_WEIGHT_NAME,
     make_adapter,
     read_saved_settings,
-    save_peft_lora_export,
 )
 from stella_diffusion.training.checkpoints import HISTORY_NAME, save_checkpoint
 from stella_diffusion.training.config import TrainingError
@@ -254,7 +254,7 @@ def test_baseline_export_is_the_trained_model_on_the_untouched_base(adapter, sd_
         for param in encoder.parameters():
             if param.requires_grad:
                 param.add_(0.2 * torch.randn_like(param))
-    save_peft_lora_export(tmp_path, type(pipe), {"text_encoder": encoder}, getattr(trained, "initial_states", None))
+    save_lora_formats(tmp_path, type(pipe), trained.lora_states({"text_encoder": encoder}), ["diffusers"])
     ids = pipe.tokenizer([PROMPT], padding="max_length", return_tensors="pt").input_ids
     with torch.no_grad():
         trained = encoder(ids)[0]

@@ -103,24 +103,49 @@ def _as_conv(weight: torch.Tensor, layer: StellaLayer) -> torch.Tensor:
     return weight[:, :, None, None] if isinstance(layer, StellaConv2d) else weight
 
 
+def lora_factors(
+    u: torch.Tensor,
+    s: torch.Tensor,
+    vt: torch.Tensor,
+    scaling: float,
+    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(lora_A, lora_B)`` in float32 with ``B A = scaling · (U S Vt − U₀ S₀ Vt₀)`` (2-D, any device).
+
+    ``lora_A = Vt`` and ``lora_B = scaling · U S``; a function-preserving ``start = (U₀, S₀, Vt₀)`` is appended
+    as ``lora_A = [Vt; Vt₀]``, ``lora_B = [s U S, −s U₀ S₀]`` (rank ≤ 2r). Shared by the live export and the
+    conversion of native checkpoints, so both give the same bytes.
+    """
+    a = vt.float()
+    b = scaling * times_s(u.float(), s.float())
+    if start is not None:
+        u0, s0, vt0 = start
+        a = torch.cat([a, vt0.float()], dim=0)
+        b = torch.cat([b, -scaling * times_s(u0.float(), s0.float())], dim=1)
+    return a, b
+
+
 @torch.no_grad()
 def stella_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The exact LoRA factors of every StelLA layer of ``model`` (peft key names, no component prefix).
 
     ``lora_A = Vt`` and ``lora_B = s · U S``; with a function-preserving start the export is the exact
-    ``ΔW − ΔW₀`` of rank ≤ 2r: ``lora_A = [Vt; Vt₀]``, ``lora_B = [s U S, −s U₀ S₀]``.
+    ``ΔW − ΔW₀`` of rank ≤ 2r (see `lora_factors`).
     """
     state: dict[str, torch.Tensor] = {}
     for name, layer in _stella_modules(model).items():
         if adapter_name not in layer.stella_U:
             continue
-        s = layer.scaling[adapter_name]
-        a = layer.stella_Vt[adapter_name].float()
-        b = s * times_s(layer.stella_U[adapter_name].float(), layer.stella_S[adapter_name].float())
+        start = None
         if adapter_name in layer.stella_U0:
-            a = torch.cat([a, layer.stella_Vt0[adapter_name].float()], dim=0)
-            b0 = s * times_s(layer.stella_U0[adapter_name].float(), layer.stella_S0[adapter_name].float())
-            b = torch.cat([b, -b0], dim=1)
+            start = (layer.stella_U0[adapter_name], layer.stella_S0[adapter_name], layer.stella_Vt0[adapter_name])
+        a, b = lora_factors(
+            layer.stella_U[adapter_name],
+            layer.stella_S[adapter_name],
+            layer.stella_Vt[adapter_name],
+            layer.scaling[adapter_name],
+            start,
+        )
         state[f"{name}.lora_A.weight"] = _as_conv(a, layer).contiguous()
         state[f"{name}.lora_B.weight"] = _as_conv(b, layer).contiguous()
     return state
@@ -176,16 +201,12 @@ def save_lora_state_dicts(
     return output_dir / LORA_WEIGHT_NAME
 
 
-def save_lora_export(
-    output_dir: str | Path,
-    pipeline_cls: type,
-    components: Mapping[str, nn.Module],
-    adapter_name: str = "default",
-) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with the keys and metadata ``pipeline_cls`` loads.
+def stella_lora_states(
+    components: Mapping[str, nn.Module], adapter_name: str = "default"
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """Component name → (exact LoRA state dict, its `lora_metadata`) for every component with the adapter.
 
-    ``components`` maps pipeline component names (``unet``, ``transformer``, ``text_encoder``, ...) to models
-    that carry StelLA adapters; saving goes through the pipeline class's own ``save_lora_weights``.
+    The input of `lora_formats.save_lora_formats` / `save_lora_state_dicts`; a missing adapter is an error.
     """
     states = {}
     for component, model in components.items():
@@ -194,7 +215,7 @@ def save_lora_export(
             states[component] = (state, lora_metadata(state))
     if not states:
         raise ValueError(f"No StelLA adapter named {adapter_name!r} found in the given components.")
-    return save_lora_state_dicts(output_dir, pipeline_cls, states)
+    return states
 
 
 def _config_for_file(config: StellaConfig) -> dict[str, Any]:

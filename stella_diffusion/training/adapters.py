@@ -28,11 +28,10 @@ from ..integrations.diffusers import (
     inject_adapter,
     load_stella_checkpoint,
     lora_metadata,
-    save_lora_export,
-    save_lora_state_dicts,
     save_stella_checkpoint,
+    stella_lora_states,
 )
-from ..optim import make_riemannian, stella_parameter_groups
+from ..integrations.lora_formats import supported_formats
 from .config import TrainingError
 
 PEFT_WEIGHT_NAME = "peft_adapter.safetensors"
@@ -90,12 +89,6 @@ class Adapter:
         """Add the adapter to one pipeline component (in float32, before any cast to the training dtype)."""
         raise NotImplementedError
 
-    def build_optimizer(self, models: Sequence[nn.Module], optimizer_cls: type[torch.optim.Optimizer],
-                        weight_decay: float, **kwargs: Any) -> torch.optim.Optimizer:
-        """The optimizer over the adapters' trainable parameters."""
-        params = [p for m in models for p in m.parameters() if p.requires_grad]
-        return optimizer_cls([{"params": params, "weight_decay": weight_decay}], **kwargs)
-
     def save(self, directory: str | Path, components: Mapping[str, nn.Module]) -> Path:
         """Write the resumable adapter state (with the resume settings in the file's header)."""
         raise NotImplementedError
@@ -104,8 +97,23 @@ class Adapter:
         """Restore what `save` wrote into the (already adapted) components."""
         raise NotImplementedError
 
-    def export(self, output_dir: str | Path, pipeline_cls: type, components: Mapping[str, nn.Module]) -> Path:
-        """Write ``pytorch_lora_weights.safetensors`` that a stock pipeline loads with ``load_lora_weights``."""
+    export_formats: tuple[str, ...] = ("diffusers", "kohya", "bfl")  # the LoRA layouts this kind can be written in
+
+    def choose_export_formats(self, pipeline_cls: type, requested: Sequence[str] | None) -> list[str]:
+        """``--export_format``: the requested layouts if this kind and pipeline can be written so, else one error;
+        by default the diffusers file and the kohya file where both can be written."""
+        possible = [f for f in supported_formats(pipeline_cls) if f in self.export_formats]
+        if requested is None:
+            return [f for f in ("diffusers", "kohya") if f in possible]
+        impossible = [f for f in requested if f not in possible]
+        if impossible:
+            raise TrainingError(f"--export_format {', '.join(impossible)}: a {self.settings.adapter} adapter on "
+                                f"{pipeline_cls.__name__} can be exported as {', '.join(possible)}.")
+        return list(dict.fromkeys(requested))
+
+    def lora_states(self, components: Mapping[str, nn.Module]) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+        """The adapter as plain LoRA state dicts with the scale baked in (and their metadata), per component:
+        what `lora_formats.save_lora_formats` writes for stock diffusers, ComfyUI, A1111 / Forge and kohya."""
         raise NotImplementedError
 
 
@@ -130,14 +138,6 @@ class StellaAdapter(Adapter):
                            target_modules=self.targets(component, model), init_weights=s.stella_init,
                            diag_s=s.stella_diag_s)
 
-    def build_optimizer(self, models: Sequence[nn.Module], optimizer_cls: type[torch.optim.Optimizer],
-                        weight_decay: float, **kwargs: Any) -> torch.optim.Optimizer:
-        """U and V out of weight decay, and the optimizer's step made Riemannian (the StelLA step)."""
-        optimizer = optimizer_cls(stella_parameter_groups(nn.ModuleList(models), weight_decay), **kwargs)
-        make_riemannian(optimizer, list(models), retraction=self.settings.stella_retraction,
-                        grad_scaling=self.settings.stella_grad_scaling)
-        return optimizer
-
     def save(self, directory: str | Path, components: Mapping[str, nn.Module]) -> Path:
         return save_stella_checkpoint(directory, components,
                                       metadata={SETTINGS_KEY: json.dumps(self.resume_settings())})
@@ -145,8 +145,8 @@ class StellaAdapter(Adapter):
     def load(self, directory: str | Path, components: Mapping[str, nn.Module]) -> None:
         load_stella_checkpoint(directory, components)
 
-    def export(self, output_dir: str | Path, pipeline_cls: type, components: Mapping[str, nn.Module]) -> Path:
-        return save_lora_export(output_dir, pipeline_cls, components)
+    def lora_states(self, components: Mapping[str, nn.Module]) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+        return stella_lora_states(components)
 
 
 class LoraAdapter(Adapter):
@@ -190,14 +190,15 @@ class LoraAdapter(Adapter):
             if getattr(result, "unexpected_keys", None) or len(state) != len(get_peft_model_state_dict(model)):
                 raise TrainingError(f"{path} does not match the `{name}` adapter of this run.")
 
-    def export(self, output_dir: str | Path, pipeline_cls: type, components: Mapping[str, nn.Module]) -> Path:
-        return save_peft_lora_export(output_dir, pipeline_cls, components)
+    def lora_states(self, components: Mapping[str, nn.Module]) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+        return peft_lora_states(components)
 
 
 class DoraAdapter(LoraAdapter):
     """peft's DoRA: a LoRA direction plus a trained magnitude per output (exported with its magnitudes)."""
 
     use_dora = True
+    export_formats = ("diffusers",)  # kohya tools read `dora_scale` differently from peft: see lora_formats
 
     @property
     def description(self) -> str:
@@ -227,8 +228,8 @@ class PissaAdapter(LoraAdapter):
         start = get_peft_model_state_dict(model)
         self.initial_states[component] = {k: v.detach().clone() for k, v in start.items()}
 
-    def export(self, output_dir: str | Path, pipeline_cls: type, components: Mapping[str, nn.Module]) -> Path:
-        return save_peft_lora_export(output_dir, pipeline_cls, components, self.initial_states)
+    def lora_states(self, components: Mapping[str, nn.Module]) -> dict[str, tuple[dict[str, torch.Tensor], dict]]:
+        return peft_lora_states(components, self.initial_states)
 
 
 ADAPTERS: dict[str, type[Adapter]] = {
@@ -281,17 +282,13 @@ def plain_lora_state_dict(model: nn.Module, initial_state: Mapping[str, torch.Te
     return {k + ".weight" if k.endswith("lora_magnitude_vector") else k: v.contiguous() for k, v in state.items()}
 
 
-def save_peft_lora_export(
-    output_dir: str | Path,
-    pipeline_cls: type,
+def peft_lora_states(
     components: Mapping[str, nn.Module],
     initial_states: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
-) -> Path:
-    """The baselines' export through ``pipeline_cls.save_lora_weights``, with alpha = r metadata like StelLA's.
+) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+    """The baselines' LoRA states with alpha = r metadata like StelLA's (`plain_lora_state_dict` per component).
 
     Args:
-        output_dir: the folder of ``pytorch_lora_weights.safetensors``.
-        pipeline_cls: the pipeline class whose saver names the components.
         components: pipeline component name → model with a peft LoRA / DoRA / PiSSA adapter.
         initial_states: PiSSA's start per component, subtracted so the file applies to the untouched base.
     """
@@ -302,5 +299,4 @@ def save_peft_lora_export(
         if any("lora_magnitude_vector" in k for k in state):
             metadata["use_dora"] = True
         states[name] = (state, metadata)
-    return save_lora_state_dicts(output_dir, pipeline_cls, states)
-
+    return states

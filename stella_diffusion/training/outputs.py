@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -14,9 +15,11 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from ..integrations.diffusers import LORA_WEIGHT_NAME
+from ..integrations.lora_formats import WEIGHT_NAMES
 from .adapters import Adapter
 
 PLOT_NAME = "training_curves.png"
+KOHYA_NAME, BFL_NAME = WEIGHT_NAMES["kohya"], WEIGHT_NAMES["bfl"]
 EVAL_DIR = "eval"  # under --output_dir: the evaluation images and report
 
 
@@ -57,6 +60,18 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | Path)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return Path(path)
+
+
+def kohya_training_metadata(args: argparse.Namespace) -> dict[str, str]:
+    """The training settings kohya-based tools show, under sd-scripts' ``ss_*`` names (all strings)."""
+    values = {
+        "ss_learning_rate": args.learning_rate, "ss_lr_scheduler": args.lr_scheduler,
+        "ss_max_train_steps": args.max_train_steps, "ss_batch_size_per_device": args.train_batch_size,
+        "ss_gradient_accumulation_steps": args.gradient_accumulation_steps, "ss_resolution": args.resolution,
+        "ss_seed": args.seed, "ss_mixed_precision": args.mixed_precision or "no",
+        "ss_training_comment": f"stella-diffusion, adapter {args.adapter}",
+    }
+    return {key: str(value) for key, value in values.items()}
 
 
 def write_model_card(
@@ -107,6 +122,12 @@ pipe = DiffusionPipeline.from_pretrained("{base_model}", torch_dtype=torch.float
 pipe.load_lora_weights("path/to/this/folder", weight_name="{LORA_WEIGHT_NAME}")
 image = pipe({example}).images[0]
 ```
+
+| file | load it with |
+|---|---|
+| `{LORA_WEIGHT_NAME}` | diffusers (`load_lora_weights`) |
+| `{KOHYA_NAME}` (if written) | ComfyUI, A1111 / Forge, kohya-based tools, diffusers |
+| `{BFL_NAME}` (Flux, if written) | ComfyUI, Forge, diffusers |
 
 ## Validation images
 
