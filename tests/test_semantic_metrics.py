@@ -22,11 +22,9 @@ from transformers import (
     Dinov2Model,
 )
 
-from stella_diffusion.domain import write_image_folder
-from stella_diffusion.domain_classifier import domain_feature_extractor
-from stella_diffusion.generate import generate_images
-from stella_diffusion.images import load_images
-from stella_diffusion.semantic_metrics import (
+from stella_diffusion.evaluation.generation import generate_images
+from stella_diffusion.evaluation.images import load_images
+from stella_diffusion.evaluation.semantic_metrics import (
     CMMD,
     ClipEmbedder,
     Drift,
@@ -46,7 +44,9 @@ from stella_diffusion.semantic_metrics import (
     mean_pairwise_cosine,
     paired_drift,
 )
-from stella_diffusion.tiny_pipelines import build_clip_tokenizer, build_tiny_pipeline, clip_text_config
+from stella_diffusion.shapes.classifier import domain_feature_extractor
+from stella_diffusion.shapes.domain import write_image_folder
+from stella_diffusion.testing import build_clip_tokenizer, build_tiny_pipeline, clip_text_config
 
 SIDE = 32  # input side of the tiny encoders
 

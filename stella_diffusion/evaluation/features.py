@@ -231,7 +231,10 @@ def load_feature_extractor(spec: str) -> nn.Module:
     module_name, sep, attr = spec.partition(":")
     if not (module_name and sep and attr):
         raise ValueError(f"Feature extractor must be given as 'module:callable', got {spec!r}.")
-    obj = getattr(importlib.import_module(module_name), attr)
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise ValueError(f"Feature extractor {spec}: {module_name} has no {attr!r}.")
+    obj = getattr(module, attr)
     extractor = obj() if callable(obj) and not isinstance(obj, nn.Module) else obj
     if not isinstance(extractor, nn.Module):
         raise TypeError(f"{spec} gave {type(extractor).__name__}, expected a torch.nn.Module.")

@@ -11,7 +11,7 @@
 
 Metrics follow torchmetrics (``update`` / ``compute`` / ``reset``); ``update`` takes uint8 ``N×3×S×S`` images
 (fed through the metric's feature module) or float ``N×d`` features already extracted. Models come from
-transformers (a hub id or a local folder). Images reach every encoder through :mod:`stella_diffusion.images`
+transformers (a hub id or a local folder). Images reach every encoder through :mod:`stella_diffusion.evaluation.images`
 (one bicubic resize straight to the encoder's input side); the processor then only rescales and normalises, so
 both image sets and all runs see one resize. :class:`SemanticScorer` and :func:`evaluate_drift` are the entry
 points for a whole evaluation.
@@ -32,9 +32,10 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.multimodal import CLIPScore
 
-from .generate import METADATA_FILE, generate_images, read_jsonl
-from .images import RESIZE_CONVENTION, list_images, load_images
-from .inception import offline_requested
+from ..files import METADATA_FILE, list_images, read_jsonl
+from .features import offline_requested
+from .generation import generate_images
+from .images import RESIZE_CONVENTION, load_images
 from .metrics import StreamingFID, compute_fid
 
 CMMD_SIGMA = 10.0  # the paper's RBF bandwidth for unit CLIP embeddings
@@ -106,8 +107,8 @@ def _normalise_only(image_processor: Any) -> int:
 def _check_images(images: Tensor, size: int) -> None:
     if images.dtype != torch.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (3, size, size):
         raise ValueError(
-            f"Expected uint8 N×3×{size}×{size} images (load them with stella_diffusion.images at the encoder's "
-            f"image_size), got {images.dtype} {tuple(images.shape)}."
+            f"Expected uint8 N×3×{size}×{size} images (load them with stella_diffusion.evaluation.images at the "
+            f"encoder's image_size), got {images.dtype} {tuple(images.shape)}."
         )
 
 
@@ -555,26 +556,31 @@ def folder_drift(
     fid_metric: StreamingFID | None = None,
     batch_size: int = 16,
     progress: bool = False,
+    image_size: int | None = None,
+    feature_name: str | None = None,
 ) -> dict[str, Any]:
     """Drift between two folders drawn on the same prompts and seeds (files paired by name).
 
     Args:
         base_dir, adapted_dir: the base model's and the adapted model's images.
         feature: the feature module of the cosine similarity (CLIP, DINO, ...).
-        fid_metric: a :class:`~stella_diffusion.metrics.StreamingFID`: also the FID (and KID) between the sets.
+        fid_metric: a :class:`~stella_diffusion.evaluation.metrics.StreamingFID`: also the FID (and KID) between
+            the sets.
         batch_size: images per forward pass.
         progress: progress bars of the FID pass.
+        image_size: side the images are loaded at (default: the module's ``image_size``).
+        feature_name: how the features are named in the record (default: the module's model path or class).
     """
     base, adapted = list_images(base_dir), list_images(adapted_dir)
     if not base or [p.name for p in base] != [p.name for p in adapted]:
         raise ValueError(f"Drift needs the same image files in {base_dir} and {adapted_dir}.")
     metric = Drift(feature)
-    side = image_side(feature)
+    side = image_size or image_side(feature)
     for start in range(0, len(base), batch_size):
         metric.update(load_images(base[start : start + batch_size], side),
                       load_images(adapted[start : start + batch_size], side))
     record: dict[str, Any] = {"drift": float(metric.compute()), "num_drift": len(base),
-                              "drift_feature": _model_name(feature, None)}
+                              "drift_feature": _model_name(feature, feature_name)}
     if fid_metric is not None:
         fid = compute_fid(adapted_dir, base_dir, fid_metric, batch_size=batch_size, progress=progress)
         record.update({f"drift_{key}": fid[key] for key in ("fid", "kid_mean", "kid_std") if key in fid})
@@ -601,7 +607,7 @@ def evaluate_drift(
         prompts: prompts unrelated to the fine-tune (one image each).
         out_dir: where the two folders go.
         feature, fid_metric: see :func:`folder_drift`.
-        seed, batch_size, generation_kwargs: as :func:`~stella_diffusion.generate.generate_images`.
+        seed, batch_size, generation_kwargs: as :func:`~stella_diffusion.evaluation.generation.generate_images`.
         progress: progress bars.
     """
     out_dir = Path(out_dir)
