@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 from diffusers import DiffusionPipeline
@@ -159,7 +160,7 @@ def cli_inputs(tmp_path):
     (["--pipeline_kwargs", "[1]"], "must be a JSON object"),
 ])
 def test_evaluate_bad_inputs_give_one_error_line(cli_inputs, tmp_path, monkeypatch, extra, message):
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty Hugging Face cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
     extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
     with pytest.raises(SystemExit) as info:
         _cli("evaluate")(cli_inputs + extra)

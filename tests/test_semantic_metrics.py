@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pytest
 import torch
@@ -202,7 +203,7 @@ def test_missing_models_fail_before_loading(tmp_path, monkeypatch) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         check_model_source(tmp_path / "empty")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
     with pytest.raises(ModelNotFoundError, match="not in the Hugging Face cache"):
         load_clip_embedder("openai/clip-vit-large-patch14", offline=True)
 
