@@ -1,17 +1,23 @@
 """End to end through the command-line programs on tiny pipelines: generate (UNet base, UNet with the LoRA
 export of a StelLA adapter, a DiT) → FID / KID with a custom feature extractor, reference statistics saved
-then reused → report files."""
+then reused → report files; and eval/evaluate.py: every bad input is one error line, then all runs side by side."""
 
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import huggingface_hub
+import numpy as np
 import pytest
 from diffusers import DiffusionPipeline
 from PIL import Image
 
 from stella_diffusion.integrations.diffusers import add_stella_adapter
 from stella_diffusion.integrations.lora_formats import save_lora_export
+from stella_diffusion.shapes.domain import write_image_folder
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 
 EVAL = Path(__file__).resolve().parents[1] / "eval"
@@ -112,3 +118,93 @@ def test_generate_with_a_dit_pipeline(tmp_path):
     assert [r["seed"] for r in records] == [0, 1]
     assert records[0]["settings"]["pipeline_class"] == "SanaPipeline"
     assert Image.open(tmp_path / "gen" / "000001.png").size == (32, 32)
+
+
+@pytest.fixture
+def cli_inputs(tmp_path):
+    """The smallest valid inputs of eval/evaluate.py, for checks that stop before any model is loaded."""
+    pipeline = tmp_path / "pipe"
+    pipeline.mkdir()
+    (pipeline / "model_index.json").write_text("{}")
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    Image.new("RGB", (8, 8)).save(reference / "0.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    (tmp_path / "not_an_adapter").mkdir()
+    np.savez(tmp_path / "five.npz", mu=np.zeros(5), sigma=np.eye(5))
+    return ["--pipeline", str(pipeline), "--prompts", str(prompts), "--reference", str(reference),
+            "--output", str(tmp_path / "out"), "--feature_extractor", "domain", "--device", "cpu"]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--num_images_per_prompt", "0"], "--num_images_per_prompt must be > 0"),
+    (["--batch_size", "-1"], "--batch_size must be > 0"),
+    (["--kid_max_samples", "-1"], "--kid_max_samples must be ≥ 0"),
+    (["--pipeline", "{tmp}/nowhere"], "not a diffusers pipeline folder"),
+    (["--reference", "{tmp}/nowhere"], "--reference {tmp}/nowhere: no such folder"),
+    (["--reference", "{tmp}/missing.npz"], "no such file"),
+    (["--prompts", "{tmp}/empty.txt"], "No prompts"),
+    (["--runs", "base", "x={tmp}/not_an_adapter"], "holds neither pytorch_lora_weights.safetensors"),
+    (["--runs", "x={tmp}/nowhere"], "is not a folder"),
+    (["--runs", "base", "base"], "repeated: base"),
+    (["--drift_prompts", "{tmp}/prompts.txt"], "give at least one adapter run"),
+    (["--subject_dir", "{tmp}/ref"], "--subject_dir needs --clip_model"),
+    (["--dino_model", "domain"], "give both"),
+    (["--clip_model", "{tmp}/no_clip"], "no such folder"),
+    (["--clip_model", "openai/clip-vit-large-patch14", "--offline"], "not in the Hugging Face cache"),
+    (["--feature_extractor", "sift"], "--feature_extractor 'sift'"),
+    (["--feature_extractor", "no_such_module:f"], "No module named 'no_such_module'"),
+    (["--feature_extractor", "stella_diffusion.files:nothing"], "has no 'nothing'"),
+    (["--reference", "{tmp}/five.npz"], "dimension (5,) vs 128"),  # wrong feature dims: before any pipeline
+    (["--pipeline_kwargs", "[1]"], "must be a JSON object"),
+])
+def test_evaluate_bad_inputs_give_one_error_line(cli_inputs, tmp_path, monkeypatch, extra, message):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))  # an empty cache
+    extra = [value.replace("{tmp}", str(tmp_path)) for value in extra]
+    with pytest.raises(SystemExit) as info:
+        _cli("evaluate")(cli_inputs + extra)
+    text = str(info.value.code)
+    assert text.startswith("error: ") and "\n" not in text and message.replace("{tmp}", str(tmp_path)) in text
+
+
+def test_evaluate_error_exit_status_and_no_traceback(cli_inputs):
+    done = subprocess.run([sys.executable, str(EVAL / "evaluate.py"), *cli_inputs, "--batch_size", "0"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(EVAL.parent)})
+    assert done.returncode == 1 and done.stderr.strip() == "error: --batch_size must be > 0, got 0."
+
+
+@pytest.mark.slow
+def test_evaluate_runs_side_by_side(tmp_path):
+    from tests.test_semantic_metrics import save_tiny_clip
+
+    pipeline = build_tiny_pipeline("sd", tmp_path / "sd")
+    pipe = DiffusionPipeline.from_pretrained(pipeline)
+    add_stella_adapter(pipe.unet, r=2, alpha=2)
+    save_lora_export(tmp_path / "stella", type(pipe), {"unet": pipe.unet})
+    reference = write_image_folder(tmp_path / "ref", 8, seed=0, split="concept")
+    (tmp_path / "prompts.txt").write_text("a red circle\na blue square\n")
+    (tmp_path / "drift.txt").write_text("a green star\na small triangle\na big circle\n")
+    kwargs = {**default_generation_kwargs("sd"), "num_inference_steps": 2}
+    paths = _cli("evaluate")([
+        "--pipeline", str(pipeline), "--runs", "base", f"StelLA={tmp_path / 'stella'}",
+        "--prompts", str(tmp_path / "prompts.txt"), "--num_images_per_prompt", "2", "--reference", str(reference),
+        "--output", str(tmp_path / "report"), "--feature_extractor", "domain", "--kid_subset_size", "4",
+        "--kid_subsets", "5", "--clip_model", str(save_tiny_clip(tmp_path / "clip")), "--subject_dir", str(reference),
+        "--dino_model", "domain", "--drift_prompts", str(tmp_path / "drift.txt"), "--pipeline_kwargs",
+        json.dumps(kwargs), "--device", "cpu",
+    ])
+    report = json.loads(paths["json"].read_text())
+    base, stella = report["runs"]
+    assert (base["name"], stella["name"]) == ("base", "StelLA") and report["comparable"]
+    for run in (base, stella):
+        assert run["num_generated"] == 4 and run["num_reference"] == 8 and run["num_subject"] == 8
+        assert {"fid", "kid_mean", "clip_t", "cmmd", "clip_i", "dino"} <= set(run)
+    assert "drift" not in base and stella["drift"] > 0 and stella["num_drift"] == 3 and "drift_fid" in stella
+    table = paths["markdown"].read_text()
+    assert "| KID ↓ |" in table and "KID is shown as computed (not scaled)" in table  # 128-d classifier features
+    assert "CLIP-T ↑" in table and "CMMD ↓" in table and "drift ↓" in table and "shapes-classifier" in table
+    assert "Counts: subject images: 8; reference images (CMMD): 8; drift pairs: 3." in table
+    assert len(list((tmp_path / "report" / "images" / "StelLA").glob("*.png"))) == 4
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"

