@@ -38,6 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from stella_diffusion import RETRACTIONS, make_riemannian, stella_parameter_groups
+from stella_diffusion.cli import ArgumentParser
 from stella_diffusion.evaluation.comparison import EvaluationError, evaluate_against_base, evaluation_setup
 from stella_diffusion.integrations.lora_formats import FORMATS, save_lora_formats
 from stella_diffusion.training import adapters, checkpoints, config, data, families, model_setup, outputs
@@ -50,7 +51,7 @@ logger = get_logger(__name__)
 
 def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     """diffusers' flags (same names and meanings), StelLA's, and ``--config FILE.yaml`` for defaults."""
-    parser = argparse.ArgumentParser(description="DreamBooth / captioned fine-tuning with StelLA (or peft LoRA).")
+    parser = ArgumentParser(description="DreamBooth / captioned fine-tuning with StelLA (or peft LoRA).")
     flag = parser.add_argument
     switch = partial(parser.add_argument, action=argparse.BooleanOptionalAction, default=False)
     flag("--config", type=str, default=None,

@@ -1,7 +1,7 @@
 """Generate images for FID from a saved pipeline, an optional adapter folder and a prompt file.
 
     python eval/generate.py --pipeline PIPE_DIR [--adapter ADAPTER_DIR] --prompts prompts.txt \
-        --output OUT_DIR [--num_images_per_prompt 4] [--seed 0] [--batch_size 4] \
+        --output_dir OUT_DIR [--num_images_per_prompt 4] [--seed 0] [--batch_size 4] \
         [--num_inference_steps 30] [--guidance_scale 7.5] [--height 512 --width 512] [--device cuda]
 """
 
@@ -12,6 +12,7 @@ import json
 
 import torch
 
+from stella_diffusion.cli import ArgumentParser
 from stella_diffusion.evaluation.generation import generate_images, load_pipeline
 from stella_diffusion.files import read_prompts
 
@@ -19,13 +20,13 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--pipeline", required=True, help="folder of a pipeline saved with save_pretrained")
     parser.add_argument("--adapter", help="LoRA export or native StelLA checkpoint folder")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line ('#' comments)")
-    parser.add_argument("--output", required=True, help="folder for the PNGs and metadata.jsonl")
+    parser.add_argument("--output_dir", required=True, help="folder for the PNGs and metadata.jsonl")
     parser.add_argument("--num_images_per_prompt", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     parser.add_argument("--batch_size", type=int, default=4)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     records = generate_images(
         pipe,
         read_prompts(args.prompts),
-        args.output,
+        args.output_dir,
         num_images_per_prompt=args.num_images_per_prompt,
         seed=args.seed,
         batch_size=args.batch_size,
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         settings=settings,
         overwrite=args.overwrite,
     )
-    print(f"Wrote {len(records)} images and metadata.jsonl to {args.output}")
+    print(f"Wrote {len(records)} images and metadata.jsonl to {args.output_dir}")
 
 
 if __name__ == "__main__":

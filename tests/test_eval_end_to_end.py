@@ -49,7 +49,7 @@ def _cli(name: str):
 
 def _generate(pipeline: Path, prompts: Path, out: Path, kind: str, *extra: str) -> list[dict]:
     _cli("generate")(
-        ["--pipeline", str(pipeline), "--prompts", str(prompts), "--output", str(out), "--device", "cpu"]
+        ["--pipeline", str(pipeline), "--prompts", str(prompts), "--output_dir", str(out), "--device", "cpu"]
         + ["--pipeline_kwargs", json.dumps(default_generation_kwargs(kind)), *extra]
     )
     return [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
@@ -87,11 +87,11 @@ def test_generate_fid_report(tmp_path, monkeypatch):
     stats = str(tmp_path / "reference.npz")
     base_result = fid(
         ["--generated", str(tmp_path / "gen_base"), "--reference", str(tmp_path / "reference"), *common]
-        + ["--save_stats", stats, "--name", "base", "--output", str(runs / "base.json")]
+        + ["--save_stats", stats, "--name", "base", "--output_dir", str(runs)]
     )
     stella_result = fid(
         ["--generated", str(tmp_path / "gen_stella"), "--reference", stats, *common]
-        + ["--name", "stella", "--output", str(runs / "stella.json")]
+        + ["--name", "stella", "--output_dir", str(runs)]
     )
     reused = fid(["--generated", str(tmp_path / "gen_base"), "--reference", stats, *common])
     assert reused["fid"] == pytest.approx(base_result["fid"], rel=1e-12)
@@ -100,7 +100,7 @@ def test_generate_fid_report(tmp_path, monkeypatch):
     assert stella_result["convention"]["feature_extractor"] == "e2e_features:Features"
 
     _cli("report")(
-        [str(runs / "base.json"), f"StelLA={runs / 'stella.json'}", "--output", str(tmp_path / "report")]
+        [str(runs / "base.json"), f"StelLA={runs / 'stella.json'}", "--output_dir", str(tmp_path / "report")]
     )
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert [run["name"] for run in report["runs"]] == ["base", "StelLA"] and report["comparable"]
@@ -135,7 +135,7 @@ def cli_inputs(tmp_path):
     (tmp_path / "not_an_adapter").mkdir()
     np.savez(tmp_path / "five.npz", mu=np.zeros(5), sigma=np.eye(5))
     return ["--pipeline", str(pipeline), "--prompts", str(prompts), "--reference", str(reference),
-            "--output", str(tmp_path / "out"), "--feature_extractor", "domain", "--device", "cpu"]
+            "--output_dir", str(tmp_path / "out"), "--feature_extractor", "domain", "--device", "cpu"]
 
 
 @pytest.mark.parametrize(("extra", "message"), [
@@ -190,7 +190,7 @@ def test_evaluate_runs_side_by_side(tmp_path):
     paths = _cli("evaluate")([
         "--pipeline", str(pipeline), "--runs", "base", f"StelLA={tmp_path / 'stella'}",
         "--prompts", str(tmp_path / "prompts.txt"), "--num_images_per_prompt", "2", "--reference", str(reference),
-        "--output", str(tmp_path / "report"), "--feature_extractor", "domain", "--kid_subset_size", "4",
+        "--output_dir", str(tmp_path / "report"), "--feature_extractor", "domain", "--kid_subset_size", "4",
         "--kid_subsets", "5", "--clip_model", str(save_tiny_clip(tmp_path / "clip")), "--subject_dir", str(reference),
         "--dino_model", "domain", "--drift_prompts", str(tmp_path / "drift.txt"), "--pipeline_kwargs",
         json.dumps(kwargs), "--device", "cpu",
@@ -208,3 +208,42 @@ def test_evaluate_runs_side_by_side(tmp_path):
     assert "Counts: subject images: 8; reference images (CMMD): 8; drift pairs: 3." in table
     assert len(list((tmp_path / "report" / "images" / "StelLA").glob("*.png"))) == 4
     assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+
+
+def _fid_bad_inputs(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """(arguments, expected message) per bad input of eval/fid.py."""
+    images = write_image_folder(tmp_path / "images", 6, seed=0, split="pretrain")
+    one = tmp_path / "one"
+    one.mkdir()
+    next(images.glob("*.png")).rename(one / "only.png")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    wrong_npz = tmp_path / "wrong.npz"
+    np.savez(wrong_npz, something=np.zeros(3))
+    other_dims = tmp_path / "other-dims.npz"
+    np.savez(other_dims, mu=np.zeros(5), sigma=np.eye(5), num_samples=np.asarray(10))
+    domain = ["--feature_extractor", "domain"]
+    return {
+        "empty folder": (["--generated", str(empty), "--reference", str(images), *domain], "No images"),
+        "one image": (["--generated", str(one), "--reference", str(images), *domain], "at least 2 images"),
+        "missing folder": (["--generated", str(tmp_path / "nowhere"), "--reference", str(images)], "no such"),
+        "not statistics": (["--generated", str(images), "--reference", str(wrong_npz), *domain], "not a statistics"),
+        "feature size": (["--generated", str(images), "--reference", str(other_dims), *domain], ""),
+        "batch size 0": (["--generated", str(images), "--reference", str(images), "--batch_size", "0"],
+                         "--batch_size must be a positive integer"),
+        "KID subset 0": (["--generated", str(images), "--reference", str(images), "--kid_subset_size", "0"],
+                         "--kid_subset_size must be a positive integer"),
+        "unknown extractor": (["--generated", str(images), "--reference", str(images), "--feature_extractor",
+                               "no_such_module:thing"], "no_such_module"),
+    }
+
+
+@pytest.mark.parametrize("case", ["empty folder", "one image", "missing folder", "not statistics", "feature size",
+                                  "batch size 0", "KID subset 0", "unknown extractor"])
+def test_fid_bad_input_is_one_error_line(case, tmp_path, capsys):
+    argv, message = _fid_bad_inputs(tmp_path)[case]
+    with pytest.raises(SystemExit) as exit_info:
+        _cli("fid")([*argv, "--device", "cpu", "--kid_subset_size", "2"] if case != "KID subset 0" else argv)
+    code = exit_info.value.code
+    text = code if isinstance(code, str) else capsys.readouterr().err.strip().splitlines()[-1]
+    assert code != 0 and text.startswith("error: ") and "\n" not in text.strip() and message in text, text

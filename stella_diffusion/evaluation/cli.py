@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..cli import ArgumentParser
 from ..files import list_images, read_prompts
 from ..integrations.diffusers import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
 from .comparison import build_fid_metric
@@ -55,12 +56,12 @@ class InputError(ValueError):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pipeline", required=True, help="folder of a pipeline saved with save_pretrained")
     parser.add_argument("--runs", nargs="+", default=[BASE], help="'base', NAME=ADAPTER_DIR or ADAPTER_DIR")
     parser.add_argument("--prompts", required=True, help="text file, one prompt per line ('#' comments)")
     parser.add_argument("--reference", required=True, help="reference image folder, or a .npz of FID statistics")
-    parser.add_argument("--output", required=True, help="folder for images/, drift/ and report.{md,json,png}")
+    parser.add_argument("--output_dir", required=True, help="folder for images/, drift/ and report.{md,json,png}")
     parser.add_argument("--title", default="Evaluation")
     generation = parser.add_argument_group("generation")
     generation.add_argument("--num_images_per_prompt", type=int, default=1)
@@ -206,7 +207,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
         warnings.warn("CMMD needs the reference images, not .npz statistics: not computed.", stacklevel=2)
     scorer = SemanticScorer(clip, dino, reference_folder, args.subject_dir, clip_name=args.clip_model,
                             subject_name=args.dino_model, batch_size=args.batch_size)
-    out = Path(args.output)
+    out = Path(args.output_dir)
     kwargs = _generation_kwargs(args, checked["pipeline_kwargs"])
     dtype = DTYPES[args.dtype] if args.dtype else None
     common = {"seed": args.seed, "batch_size": args.batch_size, "generation_kwargs": kwargs,

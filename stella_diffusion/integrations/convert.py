@@ -6,7 +6,6 @@ kohya or BFL layout (`lora_formats`), as a function and as the ``stella-convert`
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -19,6 +18,7 @@ from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
+from ..cli import ArgumentParser
 from ..tuner import StellaConfig
 from .diffusers import (
     ADAPTABLE_COMPONENTS,
@@ -142,19 +142,13 @@ def convert_lora_file(
     return dst
 
 
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        sys.stderr.write(f"error: {message}\n")
-        sys.exit(2)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``stella-convert --to {diffusers,kohya,bfl} SRC DST [--base_pipeline DIR]``; errors: one line, exit 1/2.
 
     Args:
         argv: command-line arguments (default ``sys.argv[1:]``).
     """
-    parser = _OneLineErrors(
+    parser = ArgumentParser(
         prog="stella-convert",
         description="Convert a StelLA checkpoint or a diffusers LoRA export into a diffusers, kohya "
         "(ComfyUI, A1111 / Forge, kohya tools) or BFL (Flux) LoRA file.",
