@@ -105,6 +105,10 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
               "shapes classifier shipped with the package, which also scores the prompted attributes) or "
               "module:callable, which IMPORTS AND RUNS that module (accepted on the command line only, never from "
               "a --config file).")
+    flag("--eval_clip_model", type=str, default=None,
+         help="A CLIP model (hub id or local folder): adds CLIP-T (image-prompt CLIP score) and CMMD to the report.")
+    flag("--eval_drift_prompts", type=str, default=None,
+         help="A .txt of prompts unrelated to the fine-tune: adds the drift from the base on them (same seeds).")
     flag("--eval_base", action=argparse.BooleanOptionalAction, default=True,
          help="Also score the base model (--no-eval_base skips it, e.g. in sweeps that score it once).")
     # adapter
@@ -478,13 +482,14 @@ def main(args: argparse.Namespace) -> None:
             if validates:
                 images = log_validation(final, args, accelerator, global_step, "test")
             if evaluation is not None:
-                eval_prompts, metric = evaluation
-                logger.info(f"Evaluating on {len(eval_prompts)} prompts against {args.eval_reference_dir}.")
+                logger.info(f"Evaluating on {len(evaluation.prompts)} prompts against {args.eval_reference_dir}.")
                 with accelerator.autocast():
                     paths = evaluate_against_base(
-                        final, args.adapter, eval_prompts, Path(args.output_dir, outputs.EVAL_DIR),
-                        args.eval_reference_dir, metric.to(accelerator.device), include_base=args.eval_base,
-                        seed=args.seed, batch_size=args.sample_batch_size, generation_kwargs=validation_kwargs(args),
+                        final, args.adapter, evaluation.prompts, Path(args.output_dir, outputs.EVAL_DIR),
+                        args.eval_reference_dir, evaluation.metric.to(accelerator.device),
+                        include_base=args.eval_base, scorer=evaluation.scorer,
+                        drift_prompts=evaluation.drift_prompts, seed=args.seed, batch_size=args.sample_batch_size,
+                        generation_kwargs=validation_kwargs(args),
                     )
                 report = paths["markdown"].read_text(encoding="utf-8")
                 logger.info("\n" + report)

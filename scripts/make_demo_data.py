@@ -10,6 +10,9 @@ folder drawn with another seed (for FID), both ``imagefolder`` layouts with a ``
   the shape word ("a small red sks shape on a white background, bottom left");
 - ``style-*``: the ``outlined`` style, captioned with the style word ("a large blue outlined square ...").
 
+``drift-prompts.txt`` holds 16 captions of what the base already draws (filled circles, squares, triangles and
+crosses): the evaluation's drift (how much the fine-tune changes them) is measured on those.
+
 tests/test_demo.py checks that the committed folders equal what this script writes.
 """
 
@@ -18,7 +21,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stella_diffusion.shapes.domain import CONCEPT_TOKEN, write_image_folder
+from stella_diffusion.shapes.domain import CONCEPT_TOKEN, caption, sample_specs, write_image_folder
 
 # folder name -> (split, number of images, seed, identifier replacing the shape word)
 DEMO_FOLDERS: dict[str, tuple[str, int, int, str | None]] = {
@@ -29,12 +32,18 @@ DEMO_FOLDERS: dict[str, tuple[str, int, int, str | None]] = {
 }
 
 
+DRIFT_PROMPTS = "drift-prompts.txt"
+
+
 def write_demo_data(output: str | Path) -> list[Path]:
-    """Every folder of :data:`DEMO_FOLDERS` under ``output``; returns their paths."""
-    return [
+    """Every folder of :data:`DEMO_FOLDERS` and the drift prompts under ``output``; returns their paths."""
+    written = [
         write_image_folder(Path(output, name), n, seed, split, token)
         for name, (split, n, seed, token) in DEMO_FOLDERS.items()
     ]
+    drift = Path(output, DRIFT_PROMPTS)
+    drift.write_text("".join(caption(spec) + "\n" for spec in sample_specs(16, seed=2, split="pretrain")))
+    return [*written, drift]
 
 
 def main() -> None:

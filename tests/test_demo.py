@@ -22,8 +22,12 @@ DEMO_DATA = REPO / "data" / "tiny-demo"
 def test_committed_demo_data_is_what_the_script_writes(tmp_path) -> None:
     subprocess.run([sys.executable, str(REPO / "scripts" / "make_demo_data.py"), "--output_dir", str(tmp_path)],
                    check=True, capture_output=True, timeout=120)
-    folders = sorted(p.name for p in tmp_path.iterdir())
+    folders = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
     assert folders == sorted(p.name for p in DEMO_DATA.iterdir() if p.is_dir())
+    files = sorted(p.name for p in tmp_path.iterdir() if p.is_file())
+    assert files == sorted(p.name for p in DEMO_DATA.iterdir() if p.is_file())
+    for name in files:
+        assert (tmp_path / name).read_text() == (DEMO_DATA / name).read_text()
     for folder in folders:
         fresh, committed = tmp_path / folder, DEMO_DATA / folder
         assert (fresh / "metadata.jsonl").read_text() == (committed / "metadata.jsonl").read_text()
@@ -36,7 +40,7 @@ def test_committed_demo_data_is_what_the_script_writes(tmp_path) -> None:
 def test_demo_config_needs_no_other_flags_and_its_paths_exist() -> None:
     args = train_script().parse_args(["--config", str(DEMO_CONFIG)])
     for path in (args.pretrained_model_name_or_path, args.instance_data_dir, args.eval_reference_dir,
-                 args.eval_prompts):
+                 args.eval_prompts, args.eval_drift_prompts):
         assert (REPO / path).exists(), path
     assert args.adapter == "stella" and args.eval_feature_extractor == "domain"
     rows = [json.loads(line) for line in (REPO / args.instance_data_dir / "metadata.jsonl").read_text().splitlines()]
@@ -69,6 +73,7 @@ def test_short_demo_run_beats_the_base_model_on_the_held_out_concept(tmp_path, m
     assert runs["stella"]["accuracy"]["shape"] >= runs["base"]["accuracy"]["shape"] + 0.2
     assert runs["stella"]["accuracy"]["colour"] >= 0.8
     assert len(list((tmp_path / EVAL_DIR / "stella").glob("*.png"))) == 64
+    assert 0 < runs["stella"]["drift"] < 1 and "drift" not in runs["base"]  # the base-domain prompts moved a bit
     assert (tmp_path / EVAL_DIR / "report.png").stat().st_size > 0
     assert list((tmp_path / "validation").glob("test-step-*.png"))
     assert "## Evaluation: " in (tmp_path / "README.md").read_text()

@@ -21,8 +21,10 @@ from stella_diffusion.evaluation.comparison import (
     folder_accuracy,
     read_eval_prompts,
 )
+from stella_diffusion.evaluation.embedders import load_clip_embedder
 from stella_diffusion.evaluation.generation import generate_images
 from stella_diffusion.evaluation.report import markdown_table
+from stella_diffusion.evaluation.semantic_metrics import SemanticScorer
 from stella_diffusion.shapes.classifier import DomainFeatures, domain_feature_extractor
 from stella_diffusion.shapes.domain import write_image_folder
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
@@ -149,5 +151,34 @@ def test_script_checks_evaluation_inputs_before_training(tmp_path) -> None:
     args = train_script().parse_args(tiny_args(tmp_path / "pipe", data, tmp_path / "out", "--eval_reference_dir",
                                                str(data), "--eval_prompts", str(data / "metadata.jsonl"),
                                                "--eval_feature_extractor", "domain", "--num_eval_images", "5"))
-    prompts, metric = evaluation_setup(args)
+    plan = evaluation_setup(args)
+    prompts, metric = plan.prompts, plan.metric
     assert len(prompts) == 5 and prompts[4] == prompts[0] and isinstance(metric.feature, DomainFeatures)
+
+
+def test_evaluate_against_base_adds_clip_t_cmmd_and_drift(tmp_path) -> None:
+    """The training script's --eval_clip_model / --eval_drift_prompts: CLIP-T and CMMD for every run, the drift of
+    the fine-tune on unrelated prompts (0 would mean the adapter changes nothing there)."""
+    from tests.test_semantic_metrics import save_tiny_clip
+
+    pipeline_dir = build_tiny_pipeline("sd", tmp_path / "pipe")
+    reference = write_image_folder(tmp_path / "ref", 8, seed=1, split="concept")
+    prompts = cycle_prompts(read_eval_prompts(reference / "metadata.jsonl"), 4)
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                     init_lora_weights=False))
+    type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
+    pipe.load_lora_weights(tmp_path / "lora")
+    clip_dir = save_tiny_clip(tmp_path / "clip")
+    scorer = SemanticScorer(load_clip_embedder(clip_dir), reference=reference, clip_name="tiny-clip")
+    kwargs = {"seed": 5, "generation_kwargs": {**default_generation_kwargs("sd"), "num_inference_steps": 2},
+              "progress": False}
+    paths = evaluate_against_base(pipe, "lora", prompts, tmp_path / "eval", reference,
+                                  build_fid_metric("domain", kid_max_samples=0), scorer=scorer,
+                                  drift_prompts=["a red circle", "a blue square"], **kwargs)
+    runs = {run["name"]: run for run in json.loads(paths["json"].read_text())["runs"]}
+    for run in runs.values():
+        assert 0 <= run["clip_t"] <= 100 and np.isfinite(run["cmmd"])
+    assert "drift" not in runs["base"] and 0 < runs["lora"]["drift"] <= 2
+    assert len(list((tmp_path / "eval" / "drift" / "adapted").glob("*.png"))) == 2

@@ -19,11 +19,13 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..files import read_jsonl, read_prompts
+from .embedders import load_clip_embedder
 from .features import TORCHSCRIPT_EXTRACTOR, load_feature_extractor, load_torchscript_inception
 from .generation import generate_images
 from .images import load_image
 from .metrics import StreamingFID, compute_fid
 from .report import write_report
+from .semantic_metrics import SemanticScorer, evaluate_drift
 
 _NOT_ATTRIBUTES = frozenset({"text", "prompt", "file_name", "jitter"})
 
@@ -168,12 +170,26 @@ def evaluate_against_base(
     metric: StreamingFID,
     include_base: bool = True,
     title: str = "Fine-tune vs base",
+    scorer: SemanticScorer | None = None,
+    drift_prompts: Sequence[str] | None = None,
     **kwargs: Any,
 ) -> dict[str, Path]:
     """Score ``pipe`` with its LoRA adapters off (``"base"``) and on (``name``); write the report under ``out_dir``.
 
-    ``kwargs`` go to :func:`evaluate_pipeline` (seed, batch size, generation settings). Returns the paths of
-    ``report.json``, ``report.md`` and ``report.png``; the images are in ``out_dir/base`` and ``out_dir/name``.
+    Args:
+        pipe: a pipeline with the LoRA export loaded.
+        name: the fine-tune's run name.
+        prompts, out_dir, reference, metric: as :func:`evaluate_pipeline`.
+        include_base: also score the base (adapters off) on the same prompts and seeds.
+        title: the report's title.
+        scorer: adds CLIP-T / CMMD / CLIP-I / DINO to every run (`SemanticScorer`).
+        drift_prompts: unrelated prompts: the fine-tune's drift from the base (`evaluate_drift`, with the
+            scorer's CLIP when there is one, else the FID features).
+        kwargs: seed, batch size, generation settings (see :func:`evaluate_pipeline`).
+
+    Returns:
+        the paths of ``report.json``, ``report.md`` and ``report.png``; the images are in ``out_dir/base`` and
+        ``out_dir/name`` (drift images in ``out_dir/drift``).
     """
     runs = []
     if include_base:
@@ -183,14 +199,33 @@ def evaluate_against_base(
         finally:
             pipe.enable_lora()
     runs.append(evaluate_pipeline(pipe, name, prompts, out_dir, reference, metric, **kwargs))
+    if scorer is not None:
+        for run in runs:
+            run.update(scorer.score(Path(out_dir, run["name"])))
+    if drift_prompts:
+        feature = scorer.clip if scorer is not None and scorer.clip is not None else metric.feature
+        runs[-1].update(evaluate_drift(pipe, drift_prompts, Path(out_dir, "drift"), feature, metric,
+                                       seed=kwargs.get("seed", 0), batch_size=kwargs.get("batch_size", 8),
+                                       generation_kwargs=kwargs.get("generation_kwargs")))
     return write_report(runs, out_dir, title)
 
 
-def evaluation_setup(args: argparse.Namespace) -> tuple[list[EvalPrompt], StreamingFID] | None:
-    """The prompts and the FID metric of the post-training evaluation (``None`` without ``--eval_reference_dir``).
+@dataclass
+class EvaluationPlan:
+    """What the post-training evaluation needs, built before training (`evaluation_setup`)."""
 
-    Built before training, so a missing reference, prompt file or Inception weights fail at once. Prompts come
-    from ``--eval_prompts``, else the instance prompt (DreamBooth), else the validation prompt.
+    prompts: list[EvalPrompt]
+    metric: StreamingFID
+    scorer: SemanticScorer | None = None
+    drift_prompts: list[str] | None = None
+
+
+def evaluation_setup(args: argparse.Namespace) -> EvaluationPlan | None:
+    """The prompts, metrics and models of the post-training evaluation (``None`` without ``--eval_reference_dir``).
+
+    Built before training, so a missing reference, prompt file, CLIP model or Inception weights fail at once.
+    Prompts come from ``--eval_prompts``, else the instance prompt (DreamBooth), else the validation prompt;
+    ``--eval_clip_model`` adds CLIP-T and CMMD, ``--eval_drift_prompts`` the drift on unrelated prompts.
     """
     if args.eval_reference_dir is None:
         return None
@@ -208,8 +243,14 @@ def evaluation_setup(args: argparse.Namespace) -> tuple[list[EvalPrompt], Stream
             raise EvaluationError("--eval_reference_dir needs --eval_prompts, --instance_prompt or "
                                   "--validation_prompt.")
         metric = build_fid_metric(args.eval_feature_extractor, seed=args.seed or 0)
+        scorer = None
+        if args.eval_clip_model is not None:
+            folder = str(reference) if reference.is_dir() else None
+            scorer = SemanticScorer(load_clip_embedder(args.eval_clip_model), reference=folder,
+                                    clip_name=args.eval_clip_model)
+        drift = read_prompts(args.eval_drift_prompts) if args.eval_drift_prompts is not None else None
     except EvaluationError:
         raise
     except (OSError, ValueError, TypeError, ImportError, AttributeError) as err:
         raise EvaluationError(f"Evaluation set-up: {err}") from err
-    return cycle_prompts(prompts, args.num_eval_images), metric
+    return EvaluationPlan(cycle_prompts(prompts, args.num_eval_images), metric, scorer, drift)
