@@ -28,7 +28,7 @@ from transformers import (
     set_seed,
 )
 
-from stella_diffusion import RETRACTIONS, StellaConfig, orthonormality_error, stiefel_parameters
+from stella_diffusion import RETRACTIONS, StellaConfig, orthonormality_error, stiefel_factors
 from stella_diffusion.integrations.presets import target_modules_for
 from stella_diffusion.integrations.transformers import StellaTrainer
 from stella_diffusion.training.config import parse_args_with_config
@@ -180,8 +180,7 @@ def preset_target_modules(model_cls: type, config: PretrainedConfig) -> list[str
 
 def max_orthonormality_error(model: nn.Module) -> float:
     """``max |XᵀX − I|`` over every StelLA U and V of ``model`` (``Vt`` is read transposed)."""
-    factors = [p.detach() if p.shape[0] >= p.shape[1] else p.detach().T for p in stiefel_parameters(model)]
-    return max(float(orthonormality_error(f)) for f in factors)
+    return max(float(orthonormality_error(f.tall().detach())) for f in stiefel_factors(model))
 
 
 def run_method(

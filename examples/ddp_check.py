@@ -36,16 +36,17 @@ from torch.utils.data import DataLoader
 from train_llm_stella import build_parser, copy_task
 from transformers import AutoModelForCausalLM, set_seed
 
-from stella_diffusion import create_stella_optimizer
+from stella_diffusion import StellaLayer, create_stella_optimizer
 
 
 def factor_digest(model: nn.Module) -> str:
-    """sha256 over the bytes of every StelLA parameter (U, S, Vt), in name order."""
+    """sha256 over the bytes of every StelLA adapter's native state (U, S, Vt), in module and adapter order."""
     digest = hashlib.sha256()
-    for name, param in sorted(model.named_parameters()):
-        if "stella_" in name:
-            digest.update(name.encode())
-            digest.update(param.detach().cpu().contiguous().numpy().tobytes())
+    for name, layer in sorted((n, m) for n, m in model.named_modules() if isinstance(m, StellaLayer)):
+        for adapter in sorted(layer.stella_adapters):
+            for key, tensor in layer.native_state(adapter).items():
+                digest.update(f"{name}.{key}.{adapter}".encode())
+                digest.update(tensor.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -10,6 +10,7 @@ from .optim import (
     create_stella_optimizer,
     make_riemannian,
     stella_parameter_groups,
+    stiefel_factors,
     stiefel_parameters,
 )
 from .tuner import StellaConfig, StellaLayer, StellaModel
@@ -26,5 +27,6 @@ __all__ = [
     "make_riemannian",
     "orthonormality_error",
     "stella_parameter_groups",
+    "stiefel_factors",
     "stiefel_parameters",
 ]

@@ -27,6 +27,7 @@ from torch import nn
 
 from . import manifold
 from .tuner import StellaConfig, StellaLayer
+from .tuner.layer import StiefelFactor
 
 
 @dataclass
@@ -135,13 +136,18 @@ def stella_layers(model: nn.Module) -> Iterable[StellaLayer]:
     return (m for m in model.modules() if isinstance(m, StellaLayer))
 
 
+def stiefel_factors(model: nn.Module) -> list[StiefelFactor]:
+    """The constrained ``U`` and ``Vt`` of every adapter of ``model``, with their shapes and orientation.
+
+    Args:
+        model: a model with StelLA adapters (PeftModel, diffusers / transformers model, DDP-wrapped).
+    """
+    return [f for layer in stella_layers(model) for a in layer.stella_adapters for f in layer.stiefel_factors(a)]
+
+
 def stiefel_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The constrained ``U`` and ``Vt`` parameters of every adapter of ``model``."""
-    params = []
-    for layer in stella_layers(model):
-        for adapter in layer.stella_U:
-            params += [layer.stella_U[adapter], layer.stella_Vt[adapter]]
-    return params
+    return [f.param for f in stiefel_factors(model)]
 
 
 def stella_config(model: nn.Module) -> StellaConfig | None:
@@ -216,26 +222,23 @@ class RiemannianHooks:
         factors: list[_Factor] = []
         for model in models:
             pairs = []
-            for layer in stella_layers(model):
-                for adapter in layer.stella_U:
-                    u, vt = layer.stella_U[adapter], layer.stella_Vt[adapter]
-                    for param, expected in ((u, (layer.out_features, layer.r[adapter])),
-                                            (vt, (layer.r[adapter], layer.in_features))):
-                        if id(param) not in in_optimizer:
-                            continue
-                        if _is_sharded(param) or tuple(param.shape) != expected:
-                            raise RuntimeError(
-                                f"A StelLA factor of expected shape {expected} is sharded (FSDP / DeepSpeed / "
-                                "tensor parallel). U and V must be whole on the rank that retracts them: use DDP; "
-                                "FSDP and DeepSpeed are not supported."
-                            )
-                        if in_optimizer[id(param)].get("weight_decay", 0.0):
-                            warnings.warn(
-                                "A StelLA U/V factor is in a parameter group with weight decay; the spec excludes "
-                                "them. Build the groups with `stella_parameter_groups`.",
-                                stacklevel=4,
-                            )
-                        pairs.append((param, param is vt))
+            for factor in stiefel_factors(model):
+                param = factor.param
+                if id(param) not in in_optimizer:
+                    continue
+                if _is_sharded(param) or tuple(param.shape) != factor.shape:
+                    raise RuntimeError(
+                        f"A StelLA factor of expected shape {factor.shape} is sharded (FSDP / DeepSpeed / tensor "
+                        "parallel). U and V must be whole on the rank that retracts them: use DDP; FSDP and "
+                        "DeepSpeed are not supported."
+                    )
+                if in_optimizer[id(param)].get("weight_decay", 0.0):
+                    warnings.warn(
+                        "A StelLA U/V factor is in a parameter group with weight decay; the spec excludes them. "
+                        "Build the groups with `stella_parameter_groups`.",
+                        stacklevel=4,
+                    )
+                pairs.append((param, factor.transposed))
             tall_dims = [max(p.shape) for p, _ in pairs]
             width = _reference_width(model, tall_dims, grad_scaling)
             for param, transposed in pairs:
@@ -285,6 +288,13 @@ class RiemannianHooks:
 
     @torch.no_grad()
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        # torch hands the hook step's own arguments: (optimizer, closure) or closure=...
+        if (len(args) > 1 and args[1] is not None) or kwargs.get("closure") is not None:
+            raise RuntimeError(
+                "A Riemannian StelLA optimizer cannot take `step(closure)`: the closure's backward would overwrite "
+                "the Riemannian U/V gradients this step has just made. Call `loss.backward()`, then "
+                "`optimizer.step()` (optimizers that need a closure, such as LBFGS, are not supported)."
+            )
         self._stepped = []
         plan = self._current_plan()
         work = []  # (batch, its gradients, stacked values, stacked gradients)

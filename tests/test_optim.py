@@ -104,6 +104,32 @@ def test_nan_gradient_skips_the_step_and_keeps_the_factors():
     assert not opt.stella.last_step_skipped
 
 
+@pytest.mark.parametrize("how", ["positional", "keyword"])
+def test_step_with_a_closure_is_refused_and_changes_nothing(how):
+    """A closure's backward would overwrite the Riemannian gradients the pre-step hook has just made."""
+    model = _regression_model()
+    opt = create_stella_optimizer(model, torch.optim.SGD, lr=0.1)
+    x, y = _task(16)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    closure()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    grads = [p.grad.clone() for p in stiefel_parameters(model)]
+    with pytest.raises(RuntimeError, match=r"cannot take `step\(closure\)`"):
+        opt.step(closure) if how == "positional" else opt.step(closure=closure)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]), n
+    assert all(torch.equal(p.grad, g) for p, g in zip(stiefel_parameters(model), grads, strict=True))
+    opt.step()  # without a closure it steps as usual
+    assert any(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+    assert _max_error(model) <= 1e-5
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_grad_scaler_overflow_retracts_nothing(device):
     model = _regression_model().to(device)

@@ -1,12 +1,14 @@
 """Export math and native checkpoints on a small UNet (the full-pipeline checks are in test_diffusers_export)."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
 from diffusers import PixArtAlphaPipeline, StableDiffusionPipeline, UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
+from transformers import CLIPTextConfig, CLIPTextModel
 
 from stella_diffusion import StellaLayer
 from stella_diffusion.integrations.diffusers import (
@@ -15,6 +17,8 @@ from stella_diffusion.integrations.diffusers import (
     add_stella_adapter,
     default_target_modules,
     load_stella_checkpoint,
+    load_stella_into_pipeline,
+    pipeline_components,
     save_stella_checkpoint,
     stella_lora_state_dict,
 )
@@ -144,3 +148,76 @@ def test_missing_corrupt_and_foreign_files_are_clear_errors(tmp_path):
     export = save_lora_export(tmp_path / "export", StableDiffusionPipeline, {"unet": unet})
     with pytest.raises(ValueError, match="load_lora_weights"):
         load_stella_checkpoint(export, {"unet": _unet()})
+
+
+def _text_encoder() -> CLIPTextModel:
+    torch.manual_seed(1)
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=8,
+    ))  # fmt: skip
+
+
+def _damage(path, tmp_path, damage: str):
+    """A copy of the checkpoint at ``path`` whose `text_encoder` part (saved after `unet`) does not fit."""
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        header = f.metadata()
+    configs = json.loads(header["stella_configs"])
+    q_proj = sorted(k for k in tensors if k.startswith("text_encoder.") and ".q_proj." in k)
+    if damage == "transposed":
+        vt = next(k for k in q_proj if k.endswith(".stella_Vt"))
+        tensors[vt] = tensors[vt].T.contiguous()
+    elif damage == "rank":
+        configs["text_encoder"]["r"] = 3
+    elif damage == "missing_module":
+        for key in q_proj:
+            tensors[key.replace(".q_proj.", ".qkv_proj.")] = tensors.pop(key)
+    elif damage == "config":
+        configs["text_encoder"]["not_a_field"] = 1
+    header["stella_configs"] = json.dumps(configs)
+    (tmp_path / "damaged").mkdir()
+    save_file(tensors, tmp_path / "damaged" / NATIVE_WEIGHT_NAME, metadata=header)
+    return tmp_path / "damaged"
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("transposed", r"Shape mismatch for `text_encoder\..*q_proj\.stella_Vt`"),
+        ("rank", "checkpoint rank 2, model rank 3"),
+        ("missing_module", "targets other modules"),
+        ("config", "not a valid StellaConfig"),
+    ],
+)
+def test_a_load_that_does_not_fit_leaves_the_pipeline_exactly_as_it_was(tmp_path, damage, message):
+    """Every component is checked before any gets an adapter: all components or none."""
+    unet, text_encoder = _unet(), _text_encoder()
+    add_stella_adapter(unet, r=2)
+    add_stella_adapter(text_encoder, r=2)
+    path = save_stella_checkpoint(tmp_path, {"unet": unet, "text_encoder": text_encoder})
+    pipe = SimpleNamespace(unet=_unet(), text_encoder=_text_encoder())
+    before = {name: {k: v.clone() for k, v in m.state_dict().items()} for name, m in pipeline_components(pipe).items()}
+    with pytest.raises(ValueError, match=message):
+        load_stella_into_pipeline(pipe, _damage(path, tmp_path, damage))
+    for name, model in pipeline_components(pipe).items():
+        assert not any(isinstance(m, StellaLayer) for m in model.modules()), name
+        after = model.state_dict()
+        assert after.keys() == before[name].keys(), name
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), name
+    # the undamaged file loads into the same, untouched pipeline
+    load_stella_into_pipeline(pipe, path)
+    assert all(torch.equal(v, _factors(text_encoder)[k]) for k, v in _factors(pipe.text_encoder).items())
+
+
+def test_an_existing_adapter_without_the_frozen_start_refuses_a_function_preserving_checkpoint(tmp_path):
+    unet = _unet()
+    add_stella_adapter(unet, r=2, function_preserving=True)
+    save_stella_checkpoint(tmp_path, {"unet": unet})
+    other = _unet()
+    add_stella_adapter(other, r=2)
+    before = _factors(other)
+    with pytest.raises(ValueError, match=r"unexpected \['stella_S0', 'stella_U0', 'stella_Vt0'\]"):
+        load_stella_checkpoint(tmp_path, {"unet": other})
+    assert _factors(other).keys() == before.keys()
+    assert all(torch.equal(before[k], v) for k, v in _factors(other).items())

@@ -1,6 +1,8 @@
 """The StelLA adapter as a peft method: layer math, merge, save/load, patterns, several adapters."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,3 +232,105 @@ def test_several_adapters_one_trained_at_a_time_and_disable():
     torch.testing.assert_close(model(x), base, atol=0, rtol=0)
     model.base_model.enable_adapter_layers()
     torch.testing.assert_close(model(x), out_other, atol=0, rtol=0)
+
+
+def test_layer_hands_out_its_stiefel_factors_and_native_state():
+    model = _stella(r=3, function_preserving=True, diag_s=True)
+    _perturb(model)
+    for layer in _layers(model):
+        u, vt = layer.stiefel_factors("default")
+        assert u.shape == (layer.out_features, 3) and not u.transposed and u.param is layer.stella_U["default"]
+        assert vt.shape == (3, layer.in_features) and vt.transposed and vt.param is layer.stella_Vt["default"]
+        assert all(orthonormality_error(f.tall()) < 1e-6 for f in (u, vt))
+        state = layer.native_state("default")
+        assert {k: tuple(v.shape) for k, v in state.items()} == layer.native_shapes("default")
+        assert set(state) == {"stella_U", "stella_S", "stella_Vt", "stella_U0", "stella_S0", "stella_Vt0"}
+
+    other = _stella(r=3, function_preserving=True, diag_s=True)
+    for mine, theirs in zip(_layers(model), _layers(other), strict=True):
+        theirs.load_native_state("default", mine.native_state("default"))
+        for key, value in mine.native_state("default").items():
+            assert torch.equal(theirs.native_state("default")[key], value), key
+        assert torch.equal(theirs.get_delta_weight("default"), mine.get_delta_weight("default"))
+
+
+def test_load_native_state_checks_every_shape_before_writing():
+    model, other = _stella(r=3), _stella(r=3)
+    layer, target = model.base_model.model.fc1, other.base_model.model.fc1
+    before = {k: v.clone() for k, v in target.native_state("default").items()}
+    state = dict(layer.native_state("default"))
+    state["stella_Vt"] = state["stella_Vt"].T  # (in, r) instead of (r, in); U and S in front of it are fine
+    with pytest.raises(ValueError, match=r"Shape mismatch for `fc1.stella_Vt`: checkpoint \(12, 3\), model \(3, 12\)"):
+        target.load_native_state("default", state, where="fc1")
+    with pytest.raises(ValueError, match=r"unexpected \['stella_U0'\]"):
+        target.load_native_state("default", {**layer.native_state("default"), "stella_U0": state["stella_U"]})
+    assert all(torch.equal(target.native_state("default")[k], v) for k, v in before.items())
+
+
+def test_function_preserving_with_dropout_is_the_base_model_in_train_mode():
+    """The frozen start sees the same dropped-out input as the live factors, so step 0 is the base model."""
+    model = _stella(r=3, function_preserving=True, dropout=0.5).train()
+    x = torch.randn(64, 12)
+    with model.disable_adapter():
+        base_out = model(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(model(x), base_out, atol=1e-6, rtol=0)
+
+
+class Linear4bit(nn.Linear):
+    """Stand-in for bitsandbytes' Linear4bit (a subclass of nn.Linear), without importing bitsandbytes."""
+
+
+class Linear8bitLt(nn.Linear):
+    """Stand-in for bitsandbytes' Linear8bitLt."""
+
+
+def _int8_linear() -> nn.Linear:
+    layer = nn.Linear(12, 24)
+    layer.weight = nn.Parameter(torch.zeros(24, 12, dtype=torch.int8), requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize(
+    ("make", "type_name"),
+    [
+        (lambda: Linear4bit(12, 24), "Linear4bit"),
+        (lambda: Linear8bitLt(12, 24), "Linear8bitLt"),
+        (_int8_linear, "Linear"),  # integer weights, whatever the class
+    ],
+)
+def test_quantized_layers_are_refused_with_one_clear_error(make, type_name):
+    net = Toy()
+    net.fc1 = make()
+    with pytest.raises(TypeError, match=rf"cannot adapt the quantized layer `fc1` \(.*{type_name}\)"):
+        get_peft_model(net, StellaConfig(r=2, target_modules=["fc1", "conv"]))
+
+
+def test_mixed_adapter_batches_are_refused():
+    model = _stella(r=2).eval()
+    with pytest.raises(ValueError, match="mixed-adapter batches"):
+        model(torch.randn(2, 12), adapter_names=["default", "default"])
+
+
+def test_peft_loads_a_saved_adapter_once_stella_diffusion_is_imported(tmp_path):
+    """peft has no hook for a method it does not know: without the import its bare KeyError is all one gets, so the
+    README says to import stella_diffusion first."""
+    base = nn.Sequential(nn.Linear(4, 4))
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    get_peft_model(base, StellaConfig(r=2, target_modules=["0"])).save_pretrained(tmp_path / "adapter")
+    script = f"""
+import torch
+from peft import PeftModel
+def load():
+    base = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    base.load_state_dict(torch.load({str(tmp_path / "base.pt")!r}))
+    return PeftModel.from_pretrained(base, {str(tmp_path / "adapter")!r})
+try:
+    load()
+except KeyError as err:
+    print("without import:", err)
+import stella_diffusion
+print("with import:", type(load().peft_config["default"]).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    assert "without import: 'STELLA'" in out and "with import: StellaConfig" in out

@@ -7,25 +7,23 @@ kohya or BFL layout (`lora_formats`), as a function and as the ``stella-convert`
 from __future__ import annotations
 
 import json
-import math
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft.utils.other import get_pattern_key
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 
 from ..cli import ArgumentParser
 from ..tuner import StellaConfig
+from ..tuner.layer import FACTOR_NAMES, START_NAMES, lora_pair, stella_scaling
 from .diffusers import (
     ADAPTABLE_COMPONENTS,
     LORA_WEIGHT_NAME,
     NATIVE_WEIGHT_NAME,
     _read_native,
-    lora_factors,
     lora_metadata,
 )
 from .lora_formats import _EXPORT_KEY, FORMATS, WEIGHT_NAMES, _write_formats
@@ -40,12 +38,10 @@ def _states_from_native(tensors: Mapping[str, torch.Tensor], configs: Mapping[st
         names = sorted({k[len(prefix):].rsplit(".", 1)[0] for k in tensors if k.startswith(prefix)})
         state: dict[str, torch.Tensor] = {}
         for name in names:
-            factors = {a: tensors.get(f"{prefix}{name}.stella_{a}") for a in ("U", "S", "Vt", "U0", "S0", "Vt0")}
-            rank = factors["U"].shape[-1]
-            alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.alpha)
-            scaling = alpha / math.sqrt(rank) if config.use_rslora else alpha / rank
-            start = (factors["U0"], factors["S0"], factors["Vt0"]) if factors["U0"] is not None else None
-            a, b = lora_factors(factors["U"], factors["S"], factors["Vt"], scaling, start)
+            keys = (f"{prefix}{name}.{k}" for k in FACTOR_NAMES + START_NAMES)
+            native = {key.rpartition(".")[2]: tensors[key] for key in keys if key in tensors}
+            _, alpha = config.rank_and_alpha(name)
+            a, b = lora_pair(native, stella_scaling(alpha, native["stella_U"].shape[-1], config.use_rslora))
             state[f"{name}.lora_A.weight"] = a.contiguous()
             state[f"{name}.lora_B.weight"] = b.contiguous()
         states[component] = (state, lora_metadata(state))

@@ -15,13 +15,13 @@ from typing import Any
 
 import torch
 from peft import PeftConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..tuner import StellaConfig, StellaLayer
-from ..tuner.layer import Conv2d as StellaConv2d
-from ..tuner.layer import times_s
+from ..tuner.layer import check_native_state, layer_dims, native_state_shapes
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 NATIVE_WEIGHT_NAME = "stella_adapter.safetensors"
@@ -94,60 +94,25 @@ def add_stella_adapter(
     return config
 
 
-def _stella_modules(model: nn.Module) -> dict[str, StellaLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, StellaLayer)}
+def _stella_modules(model: nn.Module, adapter_name: str) -> dict[str, StellaLayer]:
+    """The StelLA layers of ``model`` that hold the adapter ``adapter_name``, by module path."""
+    layers = ((name, m) for name, m in model.named_modules() if isinstance(m, StellaLayer))
+    return {name: m for name, m in layers if adapter_name in m.stella_adapters}
 
 
-def _as_conv(weight: torch.Tensor, layer: StellaLayer) -> torch.Tensor:
-    # peft's LoRA Conv2d stores 1x1 kernels; diffusers reads the rank from lora_B either way
-    return weight[:, :, None, None] if isinstance(layer, StellaConv2d) else weight
-
-
-def lora_factors(
-    u: torch.Tensor,
-    s: torch.Tensor,
-    vt: torch.Tensor,
-    scaling: float,
-    start: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(lora_A, lora_B)`` in float32 with ``B A = scaling · (U S Vt − U₀ S₀ Vt₀)`` (2-D, any device).
-
-    ``lora_A = Vt`` and ``lora_B = scaling · U S``; a function-preserving ``start = (U₀, S₀, Vt₀)`` is appended
-    as ``lora_A = [Vt; Vt₀]``, ``lora_B = [s U S, −s U₀ S₀]`` (rank ≤ 2r). Shared by the live export and the
-    conversion of native checkpoints, so both give the same bytes.
-    """
-    a = vt.float()
-    b = scaling * times_s(u.float(), s.float())
-    if start is not None:
-        u0, s0, vt0 = start
-        a = torch.cat([a, vt0.float()], dim=0)
-        b = torch.cat([b, -scaling * times_s(u0.float(), s0.float())], dim=1)
-    return a, b
-
-
-@torch.no_grad()
 def stella_lora_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The exact LoRA factors of every StelLA layer of ``model`` (peft key names, no component prefix).
 
     ``lora_A = Vt`` and ``lora_B = s · U S``; with a function-preserving start the export is the exact
-    ``ΔW − ΔW₀`` of rank ≤ 2r (see `lora_factors`).
+    ``ΔW − ΔW₀`` of rank ≤ 2r (`StellaLayer.lora_factors`).
+
+    Args:
+        model: a model with StelLA adapters.
+        adapter_name: the adapter to export.
     """
     state: dict[str, torch.Tensor] = {}
-    for name, layer in _stella_modules(model).items():
-        if adapter_name not in layer.stella_U:
-            continue
-        start = None
-        if adapter_name in layer.stella_U0:
-            start = (layer.stella_U0[adapter_name], layer.stella_S0[adapter_name], layer.stella_Vt0[adapter_name])
-        a, b = lora_factors(
-            layer.stella_U[adapter_name],
-            layer.stella_S[adapter_name],
-            layer.stella_Vt[adapter_name],
-            layer.scaling[adapter_name],
-            start,
-        )
-        state[f"{name}.lora_A.weight"] = _as_conv(a, layer).contiguous()
-        state[f"{name}.lora_B.weight"] = _as_conv(b, layer).contiguous()
+    for name, layer in _stella_modules(model, adapter_name).items():
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = layer.lora_factors(adapter_name)
     return state
 
 
@@ -247,15 +212,13 @@ def save_stella_checkpoint(
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, Any] = {}
     for component, model in components.items():
-        modules = {n: m for n, m in _stella_modules(model).items() if adapter_name in m.stella_U}
+        modules = _stella_modules(model, adapter_name)
         if not modules:
             continue
         configs[component] = _config_for_file(model.peft_config[adapter_name])
         for name, layer in modules.items():
-            for attr in StellaLayer.adapter_layer_names + ("stella_U0", "stella_S0", "stella_Vt0"):
-                store = getattr(layer, attr)
-                if adapter_name in store:
-                    tensors[f"{component}.{name}.{attr}"] = store[adapter_name].detach().float().contiguous().cpu()
+            for key, tensor in layer.native_state(adapter_name).items():
+                tensors[f"{component}.{name}.{key}"] = tensor.float().contiguous().cpu()
     if not tensors:
         raise ValueError(f"No StelLA adapter named {adapter_name!r} found in the given components.")
     output_dir = Path(output_dir)
@@ -289,66 +252,97 @@ def load_stella_checkpoint(
 ) -> dict[str, StellaConfig]:
     """Load a native checkpoint into ``components`` as trainable StelLA adapters (adding them if absent).
 
-    Raises one clear error for a missing or corrupt file, a component the checkpoint does not match, another
-    target set or another rank; nothing is written into the models before every check has passed.
+    Every component is checked before any is touched: the header's configs, the target modules and each tensor's
+    shape against the existing adapter or, where there is none yet, against the dimensions of the base layers the
+    config would adapt. A missing or corrupt file, a component the checkpoint does not match, another target set
+    or another rank is one clear error, and the models are left exactly as they were.
+
+    Args:
+        path: the checkpoint file or the folder holding ``stella_adapter.safetensors``.
+        components: pipeline component names (``unet``, ``text_encoder``, ...) to models.
+        adapter_name: the adapter to load into (created where absent).
     """
     tensors, configs = _read_native(Path(path))
     missing = sorted(set(configs) - set(components))
     if missing:
         raise ValueError(f"The checkpoint has adapters for {missing}, which were not given.")
-    plans: list[tuple[nn.Module, str, StellaConfig]] = []
+    plans: list[tuple[str, StellaConfig, dict[str, dict[str, torch.Tensor]], bool]] = []
     for component, raw in configs.items():
         model = components[component]
-        config = StellaConfig(**{k: v for k, v in raw.items() if k not in ("peft_type", "peft_version")})
-        layers = _stella_modules(model)
-        if any(adapter_name in m.stella_U for m in layers.values()):
-            _check_compatible(component, tensors, layers, adapter_name)
-        plans.append((model, component, config))
-    for model, component, config in plans:
-        if not any(adapter_name in m.stella_U for m in _stella_modules(model).values()):
+        config = _config_from_file(component, raw)
+        saved = _module_states(component, tensors)
+        layers = _stella_modules(model, adapter_name)
+        if layers:
+            expected = {name: layer.native_shapes(adapter_name) for name, layer in layers.items()}
+        else:
+            expected = _planned_shapes(component, model, config, adapter_name)
+        _check_states(component, saved, expected)
+        plans.append((component, config, saved, not layers))
+    # every check has passed: only now is anything written
+    for component, config, saved, add in plans:
+        model = components[component]
+        if add:
             inject_adapter(model, config, adapter_name)
-            _check_compatible(component, tensors, _stella_modules(model), adapter_name)
-        _copy_factors(component, tensors, _stella_modules(model), adapter_name)
-    return {component: config for _, component, config in plans}
+        for name, layer in _stella_modules(model, adapter_name).items():
+            layer.load_native_state(adapter_name, saved[name], where=f"{component}.{name}")
+    return {component: config for component, config, _, _ in plans}
 
 
-def _check_compatible(
-    component: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, StellaLayer], adapter_name: str
-) -> None:
+def _config_from_file(component: str, raw: Mapping[str, Any]) -> StellaConfig:
+    try:
+        return StellaConfig(**{k: v for k, v in raw.items() if k not in ("peft_type", "peft_version")})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"The checkpoint's config of `{component}` is not a valid StellaConfig: {err}") from err
+
+
+def _module_states(component: str, tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The checkpoint's tensors of ``component`` as ``{module path: native state}``."""
+    states: dict[str, dict[str, torch.Tensor]] = {}
     prefix = f"{component}."
-    saved = {k[len(prefix):].rsplit(".", 1)[0] for k in tensors if k.startswith(prefix)}
-    present = {n for n, m in layers.items() if adapter_name in m.stella_U}
-    if saved != present:
+    for key, tensor in tensors.items():
+        if key.startswith(prefix):
+            module, _, attr = key[len(prefix) :].rpartition(".")
+            states.setdefault(module, {})[attr] = tensor
+    return states
+
+
+def _planned_shapes(
+    component: str, model: nn.Module, config: StellaConfig, adapter_name: str
+) -> dict[str, dict[str, tuple[int, ...]]]:
+    """The native shapes of the adapter `inject_adapter` would create, read off the base layers.
+
+    The modules are matched by peft's own ``check_target_module_exists``, as the injection matches them; nothing
+    is injected.
+    """
+    if adapter_name in (getattr(model, "peft_config", None) or {}):
+        raise ValueError(f"`{component}` already has a non-StelLA adapter named {adapter_name!r}.")
+    inside_adapters = tuple(f"{n}." for n, m in model.named_modules() if isinstance(m, BaseTunerLayer))
+    shapes = {}
+    for name, module in model.named_modules():
+        if not name or name.startswith(inside_adapters) or not check_target_module_exists(config, name):
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        in_features, out_features = layer_dims(base, f"{component}.{name}")
+        r, _ = config.rank_and_alpha(name)
+        shapes[name] = native_state_shapes(
+            in_features, out_features, r, diag_s=config.diag_s, function_preserving=config.function_preserving
+        )
+    return shapes
+
+
+def _check_states(
+    component: str,
+    saved: Mapping[str, Mapping[str, torch.Tensor]],
+    expected: Mapping[str, Mapping[str, tuple[int, ...]]],
+) -> None:
+    if saved.keys() != expected.keys():
+        only_saved, only_model = sorted(saved.keys() - expected.keys()), sorted(expected.keys() - saved.keys())
         raise ValueError(
             f"The checkpoint's `{component}` adapter targets other modules than the model's: only in the checkpoint "
-            f"{sorted(saved - present)[:5]}, only in the model {sorted(present - saved)[:5]}."
+            f"{only_saved[:5]}, only in the model {only_model[:5]}."
         )
-    for name in sorted(present):
-        layer = layers[name]
-        for attr in StellaLayer.adapter_layer_names:
-            expected = tuple(getattr(layer, attr)[adapter_name].shape)
-            got = tuple(tensors[f"{prefix}{name}.{attr}"].shape)
-            if got != expected:
-                saved_rank = got[-1] if attr == "stella_U" else got[0]
-                raise ValueError(
-                    f"Shape mismatch for `{component}.{name}.{attr}`: checkpoint {got}, model {expected} "
-                    f"(checkpoint rank {saved_rank}, model rank {layer.r[adapter_name]})."
-                )
-
-
-@torch.no_grad()
-def _copy_factors(
-    component: str, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, StellaLayer], adapter_name: str
-) -> None:
-    for name, layer in layers.items():
-        for attr in StellaLayer.adapter_layer_names:
-            target = getattr(layer, attr)[adapter_name]
-            target.copy_(tensors[f"{component}.{name}.{attr}"])
-        for attr in ("stella_U0", "stella_S0", "stella_Vt0"):
-            key = f"{component}.{name}.{attr}"
-            if key in tensors:
-                ref = layer.stella_U[adapter_name]
-                getattr(layer, attr)[adapter_name] = tensors[key].to(ref.device, ref.dtype)
+    for name in sorted(expected):
+        check_native_state(saved[name], expected[name], f"{component}.{name}")
 
 
 def pipeline_components(pipe: Any) -> dict[str, nn.Module]:

@@ -14,8 +14,8 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from diffusers import DiffusionPipeline
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..tuner.layer import layer_dims
 from .adapters import Adapter
 from .config import TrainingError
 
@@ -69,17 +69,6 @@ def _component_on_meta(model_path: str, revision: str | None, name: str, entry: 
         return cls._from_config(config) if library == "transformers" else cls.from_config(config)
 
 
-def _layer_dims(module: nn.Module) -> tuple[int, int] | None:
-    """(in, out) of a layer an adapter can take, ``None`` for any other module."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    if isinstance(module, Conv1D):
-        return tuple(module.weight.shape)
-    if isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1):
-        return module.in_channels, module.out_channels
-    return None
-
-
 def check_adapter_targets(model_path: str, revision: str | None, components: Sequence[str],
                           adapter: Adapter) -> None:
     """Check the adapter against the models' configs before any weight is loaded.
@@ -107,10 +96,10 @@ def check_adapter_targets(model_path: str, revision: str | None, components: Seq
                 raise TrainingError(f"--lora_layers: {target!r} matches no module of the {name} "
                                     f"({type(model).__name__}).")
             for layer_name, layer in matched.items():
-                dims = _layer_dims(layer)
-                if dims is None:
-                    raise TrainingError(f"--lora_layers: {name}.{layer_name} is a {type(layer).__name__}; adapters "
-                                        "take Linear, Conv1D and 1x1 Conv2d layers.")
+                try:
+                    dims = layer_dims(layer, f"{name}.{layer_name}")
+                except (TypeError, ValueError) as err:
+                    raise TrainingError(f"--lora_layers: {err}") from None
                 if adapter.settings.rank > min(dims):
                     raise TrainingError(f"--rank {adapter.settings.rank} exceeds min(in, out) = {min(dims)} of "
                                         f"{name}.{layer_name}; choose a rank of at most {min(dims)}.")

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
+from peft.utils.other import get_pattern_key
 
 from ..manifold import RETRACTIONS
 from ._registration import STELLA_PEFT_TYPE
@@ -91,3 +92,13 @@ class StellaConfig(PeftConfig):
             raise ValueError(f"`dropout` must be in [0, 1); got {self.dropout}.")
         if not isinstance(self.grad_scaling, bool) and not self.grad_scaling > 0:
             raise ValueError(f"`grad_scaling` must be a bool or a positive width; got {self.grad_scaling!r}.")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """The rank and alpha of the module at ``module_name``, ``rank_pattern`` / ``alpha_pattern`` applied.
+
+        Args:
+            module_name: the module's path in the model.
+        """
+        r = self.rank_pattern.get(get_pattern_key(self.rank_pattern.keys(), module_name), self.r)
+        alpha = self.alpha_pattern.get(get_pattern_key(self.alpha_pattern.keys(), module_name), self.alpha)
+        return r, alpha

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import get_pattern_key
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .config import StellaConfig
-from .layer import Conv2d, Linear, StellaLayer
+from .layer import Conv2d, Linear, StellaLayer, layer_dims
 
 
 class StellaModel(BaseTuner):
@@ -38,25 +38,25 @@ class StellaModel(BaseTuner):
     ) -> None:
         if current_key is None:
             raise ValueError("Current Key shouldn't be `None`")
-        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), current_key), config.r)
-        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), current_key), config.alpha)
+        r, alpha = config.rank_and_alpha(current_key)
         if isinstance(target, StellaLayer):
             target.update_layer(adapter_name, r, alpha, config)
             return
-        new_module = self._create_new_module(config, adapter_name, target, r=r, alpha=alpha)
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        layer_dims(base, current_key)  # an unsupported or quantized layer: one error that names it
+        layer_cls = Conv2d if isinstance(base, nn.Conv2d) else Linear
+        new_module = layer_cls(target, adapter_name, r=r, alpha=alpha, config=config)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
-    @staticmethod
-    def _create_new_module(config: StellaConfig, adapter_name: str, target: nn.Module, r: int,
-                           alpha: float) -> nn.Module:
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, nn.Conv2d):
-            return Conv2d(target, adapter_name, r=r, alpha=alpha, config=config)
-        if isinstance(base, (nn.Linear, Conv1D)):
-            return Linear(target, adapter_name, r=r, alpha=alpha, config=config)
-        raise TypeError(
-            f"Target module {type(base).__name__} is not supported by StelLA: use torch.nn.Linear, "
-            "transformers' Conv1D or a 1x1 torch.nn.Conv2d."
-        )
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        # peft calls this around every forward; LoRA uses it for mixed-adapter batches, which StelLA does not have
+        if kwargs.get("adapter_names") is not None:
+            raise ValueError(
+                "StelLA does not support mixed-adapter batches (`adapter_names=`): every sample goes through the "
+                "active adapter(s). Choose them with `set_adapter`, or convert the adapters to LoRA "
+                "(`stella_diffusion.pipelines.stella_lora_state_dict`)."
+            )
+        yield
