@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from stella_diffusion import RETRACTIONS, make_riemannian, stella_parameter_groups
 from stella_diffusion.cli import ArgumentParser
 from stella_diffusion.evaluation.comparison import EvaluationError, evaluate_against_base, evaluation_setup
+from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME
 from stella_diffusion.integrations.lora_formats import FORMATS, save_lora_formats
 from stella_diffusion.training import adapters, checkpoints, config, data, families, model_setup, outputs
 from stella_diffusion.training.config import TrainingError
@@ -477,7 +478,7 @@ def main(args: argparse.Namespace) -> None:
             del pipe
             final = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
                                                       **load_kwargs)
-            final.load_lora_weights(args.output_dir)
+            final.load_lora_weights(args.output_dir, weight_name=LORA_WEIGHT_NAME)
             final.to(accelerator.device)
             if validates:
                 images = log_validation(final, args, accelerator, global_step, "test")

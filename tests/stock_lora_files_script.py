@@ -8,6 +8,7 @@ unloads; the images go to an ``.npz`` file as ``<i>_loaded`` / ``<i>_fused`` (i 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -33,7 +34,8 @@ def main() -> None:
 
     images = {"base": generate()}
     for i, lora in enumerate(args.lora):
-        pipe.load_lora_weights(lora, adapter_name=f"file{i}")
+        # folder + weight_name: diffusers < 0.42.1 refuses a bare file path offline
+        pipe.load_lora_weights(str(Path(lora).parent), weight_name=Path(lora).name, adapter_name=f"file{i}")
         images[f"{i}_loaded"] = generate()
         # which components got the adapter: a loader may skip keys it cannot map with only a warning
         images[f"{i}_adapters"] = np.array(json.dumps(pipe.get_list_adapters()))

@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # named: diffusers < 0.42.1 needs it offline
+
 
 def main() -> None:
     parser = argparse.ArgumentParser()
@@ -33,13 +35,13 @@ def main() -> None:
         return np.asarray(pipe(args.prompt, generator=generator, **kwargs).images)
 
     images = {"base": generate()}
-    pipe.load_lora_weights(args.lora, adapter_name="stella")
+    pipe.load_lora_weights(args.lora, weight_name=WEIGHT_NAME, adapter_name="stella")
     images["loaded"] = generate()
     pipe.set_adapters(["stella"], adapter_weights=[0.0])
     images["weight0"] = generate()
     pipe.unload_lora_weights()
     images["unloaded"] = generate()
-    pipe.load_lora_weights(args.lora, adapter_name="stella")
+    pipe.load_lora_weights(args.lora, weight_name=WEIGHT_NAME, adapter_name="stella")
     pipe.fuse_lora()
     images["fused"] = generate()
     assert "stella_diffusion" not in sys.modules, "the stock side must not import stella_diffusion"

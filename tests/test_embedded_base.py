@@ -56,7 +56,7 @@ def test_base_accepts_an_attention_lora(pipe: StableDiffusionPipeline, tmp_path)
     unet = DiffusionPipeline.from_pretrained(BASE).unet
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
     StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(unet))
-    pipe.load_lora_weights(tmp_path, adapter_name="check")
+    pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors", adapter_name="check")
     try:
         assert "check" in pipe.get_active_adapters()
     finally:

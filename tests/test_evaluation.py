@@ -109,7 +109,7 @@ def test_evaluate_against_base_scores_the_base_with_the_adapter_off(tmp_path) ->
                                      init_lora_weights=False))
     type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors")
     paths = evaluate_against_base(pipe, "lora", prompts, tmp_path / "eval", reference, metric, **kwargs)
 
     report = json.loads(paths["json"].read_text())
@@ -169,7 +169,7 @@ def test_evaluate_against_base_adds_clip_t_cmmd_and_drift(tmp_path) -> None:
                                      init_lora_weights=False))
     type(pipe).save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(pipe.unet))
     pipe = DiffusionPipeline.from_pretrained(pipeline_dir)
-    pipe.load_lora_weights(tmp_path / "lora")
+    pipe.load_lora_weights(tmp_path / "lora", weight_name="pytorch_lora_weights.safetensors")
     clip_dir = save_tiny_clip(tmp_path / "clip")
     scorer = SemanticScorer(load_clip_embedder(clip_dir), reference=reference, clip_name="tiny-clip")
     kwargs = {"seed": 5, "generation_kwargs": {**default_generation_kwargs("sd"), "num_inference_steps": 2},

@@ -93,6 +93,6 @@ def test_demo_trains_in_mixed_precision_and_a_stock_pipeline_loads_the_export(pr
     prompt = "a large yellow sks shape on a black background, center"
     base = pipe(prompt, generator=torch.Generator("cuda").manual_seed(0), **generate).images
     assert (tmp_path / LORA_WEIGHT_NAME).is_file()
-    pipe.load_lora_weights(tmp_path)
+    pipe.load_lora_weights(tmp_path, weight_name="pytorch_lora_weights.safetensors")
     tuned = pipe(prompt, generator=torch.Generator("cuda").manual_seed(0), **generate).images
     assert torch.isfinite(tuned).all() and (tuned - base).abs().max() > 1e-2

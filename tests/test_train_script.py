@@ -260,7 +260,7 @@ def test_baseline_export_is_the_trained_model_on_the_untouched_base(adapter, sd_
         trained = encoder(ids)[0]
         stock = DiffusionPipeline.from_pretrained(sd_pipeline)
         before = stock.text_encoder(ids)[0]
-        stock.load_lora_weights(tmp_path)
+        stock.load_lora_weights(tmp_path, weight_name=LORA_WEIGHT_NAME)
         loaded = stock.text_encoder(ids)[0]
     assert (trained - before).abs().max() > 1e-2
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
@@ -363,7 +363,7 @@ def test_each_adapter_trains_unet_and_text_encoders(adapter, sdxl_pipeline, styl
     records = history(out)
     assert all((r["orthonormality_error"] is None) == (adapter != "stella") for r in records)
     pipe = DiffusionPipeline.from_pretrained(sdxl_pipeline)
-    pipe.load_lora_weights(out)
+    pipe.load_lora_weights(out, weight_name=LORA_WEIGHT_NAME)
     assert set(pipe.get_list_adapters()) == {"unet", "text_encoder", "text_encoder_2"}
 
 

@@ -32,7 +32,7 @@ def load_adapter(pipe: DiffusionPipeline, adapter_dir: str | Path) -> str:
             raise TypeError(
                 f"{type(pipe).__name__} has no LoRA loader in diffusers; use a native StelLA checkpoint."
             )
-        pipe.load_lora_weights(adapter_dir)
+        pipe.load_lora_weights(adapter_dir, weight_name=LORA_WEIGHT_NAME)  # named: older diffusers need it offline
         return "lora"
     if (adapter_dir / NATIVE_WEIGHT_NAME).is_file():
         load_stella_into_pipeline(pipe, adapter_dir)
