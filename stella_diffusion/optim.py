@@ -95,6 +95,16 @@ def _batches(factors: Iterable[_Factor]) -> list[_Batch]:
     return [_Batch(group, device) for (_, device), group in groups.items()]
 
 
+# A retraction's result farther than this from the manifold (max |XᵀX − I|, float32) is not written.
+_RETRACTION_TOLERANCE = 1e-3
+
+
+def _gram_error(x: torch.Tensor) -> torch.Tensor:
+    """``max |XᵀX − I|`` of a float32 (k, n, r) stack, in float32 (a cheap guard, not the logged error)."""
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    return (x.mT @ x - eye).abs().amax()
+
+
 # GradScaler's fused finite check takes these on every device (bfloat16 only on CPU)
 _FUSED_CHECK_DTYPES = (torch.float32, torch.float16)
 
@@ -325,10 +335,36 @@ class RiemannianHooks:
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self.last_step_skipped:
             return
-        for batch, x_old in self._stepped:
-            x_new = batch.stack(batch.params)
-            batch.write(batch.params, manifold.riemannian_update(x_old, x_new, self.retraction, batch.step_scale))
+        steps = [(batch, x_old, batch.stack(batch.params)) for batch, x_old in self._stepped]
+        retracted = [manifold.riemannian_update(x_old, x_new, self.retraction, batch.step_scale)
+                     for batch, x_old, x_new in steps]
+        # one host sync per step: is every result finite and on the manifold? (NaN compares False)
+        on_manifold = torch.stack([(_gram_error(y) <= _RETRACTION_TOLERANCE).to(steps[0][1].device)
+                                   for y in retracted]) if retracted else None
+        if on_manifold is not None and not bool(on_manifold.all()):
+            retracted = self._repair(steps, retracted, on_manifold.tolist())
+        for (batch, _, _), y in zip(steps, retracted, strict=True):
+            batch.write(batch.params, y)
         self._stepped = []
+
+    def _repair(self, steps: list, retracted: list[torch.Tensor], good: list[bool]) -> list[torch.Tensor]:
+        """Results off the manifold (an exp / Cayley / QR step too large to compute): polar for this step, and
+        where even that fails the factors keep their values from before the step (counted as a skipped step)."""
+        repaired = list(retracted)
+        for i, ((batch, x_old, x_new), ok) in enumerate(zip(steps, good, strict=True)):
+            if ok:
+                continue
+            y = manifold.riemannian_update(x_old, x_new, "polar", batch.step_scale)
+            if self.retraction != "polar" and bool(_gram_error(y) <= _RETRACTION_TOLERANCE):
+                warnings.warn(f"The {self.retraction} retraction left the manifold at this step; polar was used "
+                              "instead.", stacklevel=4)
+            else:
+                warnings.warn("The retracted U / V were not finite: this step leaves them unchanged.", stacklevel=4)
+                y = x_old
+                self.last_step_skipped = True
+            repaired[i] = y
+        self.skipped_steps += self.last_step_skipped
+        return repaired
 
     @torch.no_grad()
     def orthonormality_error(self) -> float:

@@ -293,3 +293,29 @@ def test_bfloat16_training_steps_and_skips_non_finite_steps(nan_in, device):
         opt.step()
     after = [p.detach() for p in model.parameters() if p.requires_grad]
     assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
+@pytest.mark.parametrize("retraction", ["exp", "cayley"])
+def test_a_retraction_that_leaves_the_manifold_falls_back_to_polar(retraction):
+    """An absurd step (SGD at lr 1e6): the exp map / Cayley result is off the manifold, polar is used instead."""
+    model = _regression_model(retraction=retraction)
+    opt = create_stella_optimizer(model, torch.optim.SGD, lr=1e6)
+    x, y = _task(16)
+    nn.functional.mse_loss(model(x), y).backward()
+    with pytest.warns(UserWarning, match=f"The {retraction} retraction left the manifold"):
+        opt.step()
+    assert _max_error(model) <= 1e-5 and not opt.stella.last_step_skipped
+
+
+def test_a_step_whose_retraction_is_not_finite_leaves_the_factors_unchanged(monkeypatch):
+    model = _regression_model()
+    opt = create_stella_optimizer(model, torch.optim.SGD, lr=1e-2)
+    x, y = _task(16)
+    nn.functional.mse_loss(model(x), y).backward()
+    before = [p.detach().clone() for p in stiefel_parameters(model)]
+    monkeypatch.setattr(manifold, "riemannian_update", lambda x_old, *args, **kwargs: x_old * float("nan"))
+    with pytest.warns(UserWarning, match="not finite"):
+        opt.step()
+    assert opt.stella.last_step_skipped and opt.stella.skipped_steps == 1
+    for param, old in zip(stiefel_parameters(model), before, strict=True):
+        torch.testing.assert_close(param.detach(), old, atol=0, rtol=0)
