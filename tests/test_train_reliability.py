@@ -18,6 +18,7 @@ import signal
 import struct
 import subprocess
 import sys
+import threading
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -264,6 +265,31 @@ def test_output_dir_probe_leaves_nothing_behind(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["existing"]
 
 
+def test_output_dir_probed_by_several_ranks_at_once(tmp_path):
+    """The ranks of a multi-process run probe the same new folder at the same moment (threads stand in for them):
+    none may fail because another removed the folder or the probe file it was writing."""
+    errors = []
+
+    def probe(target: Path, start: threading.Barrier) -> None:
+        start.wait()
+        try:
+            config.check_output_dir(target)
+        except TrainingError as err:
+            errors.append(err)
+
+    for attempt in range(50):
+        target = tmp_path / str(attempt) / "new" / "out"
+        target.parent.parent.mkdir()
+        start = threading.Barrier(2)
+        ranks = [threading.Thread(target=probe, args=(target, start)) for _ in range(2)]
+        for rank in ranks:
+            rank.start()
+        for rank in ranks:
+            rank.join()
+        assert not any(target.parent.parent.iterdir())
+    assert errors == []
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
 def test_read_only_output_dir_is_refused(sd_pipeline, concept_dir, tmp_path, no_model_is_loaded):
     parent = tmp_path / "read-only"
@@ -480,7 +506,7 @@ def test_kill_during_a_save_loses_nothing_and_the_resume_matches_a_straight_run(
     limit_args = ["--checkpoints_total_limit", str(limit)] if limit else []
     argv = tiny_args(sd_pipeline, concept_dir, out, *KILL_COMMON, *limit_args)
     proc = subprocess.run([sys.executable, str(KILLER), point, "4", *argv], capture_output=True, text=True,
-                          timeout=300)
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
 
     complete = sorted(p.name for p in out.glob("checkpoint-*") if read_marker(p) is not None)
