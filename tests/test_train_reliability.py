@@ -412,6 +412,8 @@ def test_checkpoint_with_a_foreign_pickle_is_refused_and_never_unpickled(checkpo
     assert probe.exists(), "the payload must be live for this test to mean anything"
 
     checkpoint = out / "checkpoint-2"
+    assert not list(checkpoint.glob("custom_checkpoint_*"))  # the history travels as JSON, not as a pickle
+    assert [r["step"] for r in json.loads((checkpoint / HISTORY_NAME).read_text())] == [1, 2]
     (checkpoint / "custom_checkpoint_0.pkl").write_bytes(armed_payload(witness))
     before = snapshot(out)
     for value in ("latest", "checkpoint-2", str(checkpoint)):
