@@ -146,7 +146,12 @@ def save_checkpoint(
         os.replace(partial, final)
     if total_limit is not None:
         for old in list_checkpoints(output_dir)[: -total_limit or None]:
-            shutil.rmtree(old)
+            # renamed out of the checkpoint-N names first: a kill mid-removal leaves a leftover, never a checkpoint
+            # with its marker but without its weights
+            doomed = output_dir / f".{old.name}.partial"
+            shutil.rmtree(doomed, ignore_errors=True)
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
     for leftover in output_dir.glob(".checkpoint-*.partial"):  # from runs killed mid-save
         shutil.rmtree(leftover, ignore_errors=True)
     return final

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import math
+import os
 import shutil
+import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -163,17 +165,28 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def check_output_dir(output_dir: str | Path) -> None:
-    """Try writing into ``output_dir`` (made if absent, and removed again if it was) before any work starts."""
+    """Try writing into ``output_dir`` before any work starts, and leave nothing behind.
+
+    Probes have unique names, and a missing ``output_dir`` is probed through a uniquely named stand-in for its
+    first missing folder: every process of a multi-process run probes at the same moment, and none may remove a
+    folder or file another is probing with.
+    """
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise TrainingError(f"--output_dir {output_dir} is a file, not a folder.")
-    first_missing = next((p for p in reversed([output_dir, *output_dir.parents]) if not p.exists()), None)
-    probe = output_dir / ".write-probe"
+    missing = [p for p in [output_dir, *output_dir.parents] if not p.exists()]  # innermost first
+    stand_in = None
     try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
+        if missing:
+            top = missing[-1]
+            stand_in = Path(tempfile.mkdtemp(prefix=f".{top.name}.write-probe-", dir=top.parent))
+            stand_in.joinpath(*output_dir.relative_to(top).parts).mkdir(parents=True, exist_ok=True)
+        else:
+            handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=output_dir)
+            os.close(handle)
+            os.unlink(probe)
     except OSError as err:
         raise TrainingError(f"--output_dir {output_dir} cannot be written: {err.strerror or err}.") from None
-    if first_missing is not None:  # leave nothing behind: the run makes it again once every check has passed
-        shutil.rmtree(first_missing)
+    finally:
+        if stand_in is not None:
+            shutil.rmtree(stand_in, ignore_errors=True)
