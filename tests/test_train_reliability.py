@@ -206,7 +206,8 @@ FLAG_CASES: dict[str, tuple[list[str], str]] = {
                                           r"^--lora_layers: 'to_nothing' matches no module of the unet "
                                           r"\(UNet2DConditionModel\)\.$"),
     "lora_layers every entry checked": (["--lora_layers", "nope,to_q"], r"'nope' matches no module"),
-    "lora_layers a 3x3 conv": (["--lora_layers", "conv_in"], r"^--lora_layers: StelLA supports only 1x1 Conv2d .*`unet.conv_in`"),
+    "lora_layers a 3x3 conv": (["--lora_layers", "conv_in"],
+                               r"^--lora_layers: StelLA supports only 1x1 Conv2d .*`unet.conv_in`"),
     "lora_layers empty entry": (["--lora_layers", "to_q,,to_v"], r"has an empty entry"),
     "model folder without unet/": (["--pretrained_model_name_or_path", "{no_unet}"],
                                    r"^--pretrained_model_name_or_path .*no-unet: no usable unet/ "),
