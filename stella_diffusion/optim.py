@@ -27,7 +27,7 @@ from torch import nn
 
 from . import manifold
 from .tuner import StellaConfig, StellaLayer
-from .tuner.layer import StiefelFactor
+from .tuner.factors import StiefelFactor
 
 
 @dataclass

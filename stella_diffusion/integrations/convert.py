@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from ..cli import ArgumentParser
 from ..tuner import StellaConfig
-from ..tuner.layer import FACTOR_NAMES, START_NAMES, lora_pair, stella_scaling
+from ..tuner.factors import FACTOR_NAMES, START_NAMES, lora_pair, stella_scaling
 from .diffusers import (
     ADAPTABLE_COMPONENTS,
     LORA_WEIGHT_NAME,

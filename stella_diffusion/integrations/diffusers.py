@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..tuner import StellaConfig, StellaLayer
-from ..tuner.layer import check_native_state, layer_dims, native_state_shapes
+from ..tuner.factors import check_native_state, layer_dims, native_state_shapes
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 NATIVE_WEIGHT_NAME = "stella_adapter.safetensors"

@@ -15,7 +15,7 @@ from accelerate.logging import get_logger
 from diffusers import DiffusionPipeline
 from torch import nn
 
-from ..tuner.layer import layer_dims
+from ..tuner.factors import layer_dims
 from .adapters import Adapter
 from .config import TrainingError
 

@@ -11,7 +11,8 @@ from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from .config import StellaConfig
-from .layer import Conv2d, Linear, StellaLayer, layer_dims
+from .factors import layer_dims
+from .layer import Conv2d, Linear, StellaLayer
 
 
 class StellaModel(BaseTuner):
