@@ -63,17 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--reference", required=True, help="reference image folder, or a .npz of FID statistics")
     parser.add_argument("--output_dir", required=True, help="folder for images/, drift/ and report.{md,json,png}")
     parser.add_argument("--title", default="Evaluation")
-    generation = parser.add_argument_group("generation")
-    generation.add_argument("--num_images_per_prompt", type=int, default=1)
-    generation.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
-    generation.add_argument("--batch_size", type=int, default=4)
-    generation.add_argument("--num_inference_steps", type=int)
-    generation.add_argument("--guidance_scale", type=float)
-    generation.add_argument("--height", type=int)
-    generation.add_argument("--width", type=int)
-    generation.add_argument("--pipeline_kwargs", default="{}", help="JSON of further pipeline call arguments")
-    generation.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtypes the pipeline was saved in")
-    generation.add_argument("--overwrite", action="store_true", help="replace images left by an earlier run")
+    add_generation_arguments(parser.add_argument_group("generation"))
     fid = parser.add_argument_group("FID / KID")
     fid.add_argument("--feature_extractor", default="inception",
                      help=f"inception, {TORCHSCRIPT_EXTRACTOR}, domain or module:callable")
@@ -178,7 +168,22 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Any]:
             "pipeline_kwargs": pipeline_kwargs}
 
 
-def _generation_kwargs(args: argparse.Namespace, pipeline_kwargs: dict[str, Any]) -> dict[str, Any]:
+def add_generation_arguments(group: Any) -> None:
+    """The generation flags ``stella-eval`` and ``eval/generate.py`` share (see `generation_kwargs`)."""
+    group.add_argument("--num_images_per_prompt", type=int, default=1)
+    group.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+    group.add_argument("--batch_size", type=int, default=4)
+    group.add_argument("--num_inference_steps", type=int)
+    group.add_argument("--guidance_scale", type=float)
+    group.add_argument("--height", type=int)
+    group.add_argument("--width", type=int)
+    group.add_argument("--pipeline_kwargs", default="{}", help="JSON of further pipeline call arguments")
+    group.add_argument("--dtype", choices=sorted(DTYPES), help="default: the dtypes the pipeline was saved in")
+    group.add_argument("--overwrite", action="store_true", help="replace images left by an earlier run")
+
+
+def generation_kwargs(args: argparse.Namespace, pipeline_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline call arguments of the generation flags, ``--pipeline_kwargs`` (parsed) last."""
     names = ("num_inference_steps", "guidance_scale", "height", "width")
     return {**{n: getattr(args, n) for n in names if getattr(args, n) is not None}, **pipeline_kwargs}
 
@@ -208,7 +213,7 @@ def run(args: argparse.Namespace) -> dict[str, Path]:
     scorer = SemanticScorer(clip, dino, reference_folder, args.subject_dir, clip_name=args.clip_model,
                             subject_name=args.dino_model, batch_size=args.batch_size)
     out = Path(args.output_dir)
-    kwargs = _generation_kwargs(args, checked["pipeline_kwargs"])
+    kwargs = generation_kwargs(args, checked["pipeline_kwargs"])
     dtype = DTYPES[args.dtype] if args.dtype else None
     common = {"seed": args.seed, "batch_size": args.batch_size, "generation_kwargs": kwargs,
               "overwrite": args.overwrite}
