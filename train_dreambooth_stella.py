@@ -125,7 +125,8 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--stella_retraction", type=str, default="polar", choices=RETRACTIONS,
          help="StelLA: the retraction that keeps U and V orthonormal.")
     flag("--stella_init", type=str, default="orthonormal", choices=INIT_METHODS,
-         help="StelLA: random orthonormal U, V (the paper's default) or the top / bottom singular vectors of W.")
+         help="StelLA: random orthonormal U, V (the paper's default), the top / bottom singular vectors of W, or "
+              "zero (orthonormal U, V with S = 0: the model starts as the base).")
     switch("--stella_diag_s", help="StelLA: a diagonal S (r values) instead of a full r x r matrix.")
     flag("--stella_grad_scaling", type=config.bool_or_float, default=True,
          help="StelLA: divide U/V steps by sqrt(n / c); true: c = hidden size, a number: c, false: off.")

@@ -132,6 +132,29 @@ def test_svd_inits_use_singular_vectors_of_the_base_weight(init):
     torch.testing.assert_close((layer.stella_Vt["default"] @ right_t[chosen].T).abs(), torch.eye(3), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("diag_s", [False, True])
+def test_zero_start_is_the_base_model_without_buffers_and_then_trains(diag_s):
+    """The paper's "Zero" ablation: orthonormal U, V, S = 0 — ΔW = 0 exactly, no frozen start; S moves first."""
+    from stella_diffusion import create_stella_optimizer
+
+    model = _stella(r=3, init_weights="zero", diag_s=diag_s)
+    x = torch.randn(4, 12)
+    with model.disable_adapter():
+        base_out = model(x)
+    torch.testing.assert_close(model(x), base_out, atol=0, rtol=0)
+    for layer in _layers(model):
+        assert orthonormality_error(layer.stella_U["default"]) < 1e-6 and not layer.stella_U0
+        assert layer.get_delta_weight("default").abs().max() == 0
+    optimizer = create_stella_optimizer(model, torch.optim.AdamW, lr=1e-2)
+    for _ in range(3):
+        model(x).pow(2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    layer = _layers(model)[0]
+    assert layer.stella_S["default"].abs().max() > 0 and layer.get_delta_weight("default").abs().max() > 0
+    assert optimizer.stella.orthonormality_error() < 1e-5
+
+
 def test_function_preserving_start_equals_base_model_and_exports_the_difference():
     model = _stella(r=3, function_preserving=True)
     x = torch.randn(4, 12)

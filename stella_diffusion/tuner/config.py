@@ -11,7 +11,7 @@ from peft.utils.other import get_pattern_key
 from ..manifold import RETRACTIONS
 from ._registration import STELLA_PEFT_TYPE
 
-INIT_METHODS = ("orthonormal", "svd_major", "svd_minor")
+INIT_METHODS = ("orthonormal", "svd_major", "svd_minor", "zero")
 
 
 @dataclass
@@ -28,7 +28,9 @@ class StellaConfig(PeftConfig):
         diag_s: store ``S`` as r values (diagonal) instead of a full r × r matrix (the default, as in the
             paper's parameter counts; the official commonsense script uses diagonal).
         init_weights: ``"orthonormal"`` (the paper's default: random orthonormal U, V and S = I),
-            ``"svd_major"`` / ``"svd_minor"`` (top / bottom r singular vectors of W).
+            ``"svd_major"`` / ``"svd_minor"`` (top / bottom r singular vectors of W), ``"zero"`` (the paper's
+            "Zero" ablation: random orthonormal U, V and S = 0, so the model equals the base at step 0 without the
+            frozen buffers of ``function_preserving``; U and V start moving once S has).
         function_preserving: keep the initial ``ΔW₀`` as a frozen offset that is subtracted, so the adapted
             model equals the base model at step 0 (off by default: the paper found it worse).
         retraction: the retraction the Riemannian optimizer uses (``polar`` default, ``exp``, ``qr``,
@@ -49,7 +51,7 @@ class StellaConfig(PeftConfig):
     )
     use_rslora: bool = field(default=False, metadata={"help": "rank-stabilised scale alpha / sqrt(r)"})
     diag_s: bool = field(default=False, metadata={"help": "diagonal S (r values) instead of a full r x r S"})
-    init_weights: Literal["orthonormal", "svd_major", "svd_minor"] = field(
+    init_weights: Literal["orthonormal", "svd_major", "svd_minor", "zero"] = field(
         default="orthonormal", metadata={"help": "initialisation of U, S, V"}
     )
     function_preserving: bool = field(

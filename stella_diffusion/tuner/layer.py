@@ -110,10 +110,11 @@ class StellaLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def reset_stella_parameters(self, adapter_name: str, init_weights: str) -> None:
-        """Initialise U, S, V (docs/algorithm.md §2): orthonormal at random, or from the SVD of the base weight."""
+        """Initialise U, S, V (docs/algorithm.md §2): orthonormal at random, or from the SVD of the base weight;
+        S = I, or S = 0 for ``"zero"``."""
         r = self.r[adapter_name]
         u, s, vt = self.stella_U[adapter_name], self.stella_S[adapter_name], self.stella_Vt[adapter_name]
-        if init_weights == "orthonormal":
+        if init_weights in ("orthonormal", "zero"):
             u.copy_(random_stiefel(self.out_features, r))
             vt.copy_(random_stiefel(self.in_features, r).T)
         elif init_weights in ("svd_major", "svd_minor"):
@@ -123,7 +124,9 @@ class StellaLayer(BaseTunerLayer):
             vt.copy_(right_t[chosen, :])
         else:
             raise ValueError(f"Unknown StelLA init {init_weights!r}.")
-        if s.ndim == 1:
+        if init_weights == "zero":
+            s.zero_()
+        elif s.ndim == 1:
             s.fill_(1.0)
         else:
             s.copy_(torch.eye(r))
