@@ -289,6 +289,10 @@ def main(args: argparse.Namespace) -> None:
     if args.seed is None:
         args.seed = random.randrange(2**31)
     instance_records, validation_records = data.split_validation(instance_records, args)
+    bucket_sizes = None
+    if args.aspect_ratio_buckets:
+        settings = buckets.bucket_settings(args, family.resolution_multiple)
+        bucket_sizes = buckets.bucket_resolutions(args.resolution, *settings)
 
     accelerator = Accelerator(
         # adapters whose output a family never reads (the last CLIP layer under SDXL's penultimate-layer
@@ -398,17 +402,14 @@ def main(args: argparse.Namespace) -> None:
                                      grad_scaling=args.stella_grad_scaling)
 
     # Aspect-ratio buckets: each image at the bucket nearest its shape, each batch from one bucket.
-    bucket_of = None
-    if args.aspect_ratio_buckets:
-        sizes = buckets.bucket_resolutions(args.resolution, *buckets.bucket_settings(args, family.resolution_multiple))
-        bucket_of = partial(buckets.nearest_bucket, buckets=sizes)
+    bucket_of = partial(buckets.nearest_bucket, buckets=bucket_sizes) if bucket_sizes else None
     captions = data.CaptionSettings(args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens)
     train_dataset = data.DreamBoothDataset(instance_records, class_records, size=args.resolution,
                                            center_crop=args.center_crop, random_flip=args.random_flip,
                                            seed=args.seed, bucket_of=bucket_of, captions=captions,
                                            repeats=args.repeats)
 
-    def loader(dataset: data.DreamBoothDataset, shuffle: bool) -> torch.utils.data.DataLoader:
+    def loader(dataset: data.DreamBoothDataset, shuffle: bool, prior: bool) -> torch.utils.data.DataLoader:
         if args.aspect_ratio_buckets:
             order = {"batch_sampler": buckets.BucketBatchSampler(dataset.item_buckets(), args.train_batch_size,
                                                                  args.seed, shuffle=shuffle)}
@@ -417,15 +418,15 @@ def main(args: argparse.Namespace) -> None:
                      "sampler": data.EpochShuffleSampler(len(dataset), args.seed) if shuffle else None}
         return torch.utils.data.DataLoader(
             dataset, **order, num_workers=args.dataloader_num_workers,
-            collate_fn=partial(data.collate_fn, with_prior_preservation=args.with_prior_preservation and shuffle))
+            collate_fn=partial(data.collate_fn, with_prior_preservation=prior))
 
-    train_dataloader = loader(train_dataset, shuffle=True)
+    train_dataloader = loader(train_dataset, shuffle=True, prior=args.with_prior_preservation)
     # --validation_split: held-out images, centre-cropped, never flipped, scored every --validation_epochs
     validation_dataset = validation_dataloader = None
     if validation_records:
         validation_dataset = data.DreamBoothDataset(validation_records, size=args.resolution, center_crop=True,
                                                     seed=args.seed, bucket_of=bucket_of)
-        validation_dataloader = loader(validation_dataset, shuffle=False)
+        validation_dataloader = loader(validation_dataset, shuffle=False, prior=False)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -622,7 +623,7 @@ def main(args: argparse.Namespace) -> None:
             images=images,
             settings={"adapter": args.adapter, "rank": args.rank, "lora_alpha": adapter.settings.scale_alpha,
                       "trained": ", ".join(trained_names), "optimizer": args.optimizer,
-                      "learning_rate": args.learning_rate, "EMA decay": args.ema_decay if ema else None,
+                      "learning_rate": args.learning_rate, **({"EMA decay": args.ema_decay} if ema else {}),
                       "lr_scheduler": args.lr_scheduler, "steps": global_step, "batch size": total_batch_size,
                       "resolution": args.resolution, "mixed precision": accelerator.mixed_precision,
                       "seed": args.seed, "prior preservation": args.with_prior_preservation},
