@@ -362,9 +362,8 @@ def main(args: argparse.Namespace) -> None:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict) and the history as JSON,
-    # not the frozen model; nothing in them is ever unpickled.
-    # With --use_ema the average of the adapter travels in the checkpoints too (ema_adapter.safetensors).
+    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict), its EMA with --use_ema
+    # (ema_adapter.safetensors) and the history as JSON, not the frozen model; nothing in them is ever unpickled.
     history = checkpoints.TrainingHistory()
     trained_modules = list(components.values())
     ema = AdapterEMA(trained_modules, args.ema_decay) if args.use_ema else None

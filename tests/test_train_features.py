@@ -4,6 +4,8 @@ caching, aspect-ratio buckets, --dataset_name, caption augmentation, --optimizer
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.data import CaptionSettings, DreamBoothDataset, ImageRecord, collate_fn
 from stella_diffusion.training.ema import EMA_WEIGHT_NAME
 
-from ._train_fixtures import TINY_CONFIG, captioned_folder, dreambooth_folder, tiny_args, train_script
+from ._train_fixtures import REPO, TINY_CONFIG, captioned_folder, dreambooth_folder, tiny_args, train_script
 from .stock_runner import run_stock
 
 
@@ -82,6 +84,17 @@ def test_cached_latents_and_text_embeddings_give_the_same_losses(sd_pipeline, st
                            "--cache_latents", "--pre_compute_text_embeddings"))
     assert losses(cached) == losses(plain)
     assert len(set(losses(plain))) == 3
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "flux"])
+def test_caching_gives_the_same_losses_on_every_family(kind, style_dir, tmp_path):
+    """SDXL's two encoders, SD3's T5, Flux's shifted latents and batch-wide ``txt_ids``."""
+    pipeline = build_tiny_pipeline(kind, tmp_path / kind)
+    common = ["--max_train_steps", "2", "--max_sequence_length", "16"]
+    plain = run(tiny_args(pipeline, style_dir, tmp_path / "plain", *common))
+    cached = run(tiny_args(pipeline, style_dir, tmp_path / "cached", *common, "--cache_latents",
+                           "--pre_compute_text_embeddings"))
+    assert losses(cached) == losses(plain)
 
 
 def test_cache_dir_is_reused_and_invalidated(sd_pipeline, style_dir, tmp_path):
@@ -247,6 +260,18 @@ def test_validation_split_fraction_logs_a_validation_loss(sd_pipeline, style_dir
     assert np.isfinite(validation[0]["validation_loss"])
 
 
+def test_resume_restores_the_ema(sd_pipeline, style_dir, tmp_path):
+    """The EMA travels in the checkpoints: a resumed run exports the same average as a straight run."""
+    common = ["--use_ema", "--ema_decay", "0.9", "--learning_rate", "5e-2", "--lr_scheduler", "constant"]
+    run(tiny_args(sd_pipeline, style_dir, tmp_path / "straight", *common, "--max_train_steps", "4"))
+    run(tiny_args(sd_pipeline, style_dir, tmp_path / "halves", *common, "--max_train_steps", "2"))
+    run(tiny_args(sd_pipeline, style_dir, tmp_path / "halves", *common, "--max_train_steps", "4",
+                  "--resume_from_checkpoint", "latest"))
+    ours, reference = (load_file(tmp_path / d / NATIVE_WEIGHT_NAME) for d in ("halves", "straight"))
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=0)
+
+
 @pytest.mark.slow
 def test_ema_export_is_a_valid_stella_adapter_that_a_stock_pipeline_loads(sd_pipeline, style_dir, tmp_path):
     out = tmp_path / "out"
@@ -262,3 +287,16 @@ def test_ema_export_is_a_valid_stella_adapter_that_a_stock_pipeline_loads(sd_pip
             assert float((tall.T @ tall - torch.eye(tall.shape[1])).abs().max()) <= 1e-5, key
     images = run_stock(sd_pipeline, out, "a red circle", **default_generation_kwargs("sd"))
     assert np.abs(images["loaded"] - images["base"]).max() > 1e-3
+
+
+@pytest.mark.slow
+def test_caching_benchmark_runs_and_writes_its_json(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "caching.py"), "--steps", "2", "--warmup", "1",
+                           "--repeats", "1", "--output_dir", str(tmp_path)], capture_output=True, text=True,
+                          timeout=900, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "caching.json").read_text())
+    assert {(r["adapter"], r["cached"]) for r in result["rows"]} == {(a, c) for a in ("stella", "lora")
+                                                                     for c in (False, True)}
+    assert all(r["median_step_s"] > 0 and r["peak_mib"] > 0 for r in result["rows"])
+    assert set(result["summary"]) == {"stella", "lora"} and "| stella | cached |" in proc.stdout

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -169,6 +168,8 @@ def _first_line(err: BaseException) -> str:
 def dataset_records(args: argparse.Namespace) -> list[DatasetRecord]:
     """The rows of ``--dataset_name`` (a hub dataset or a local folder ``datasets.load_dataset`` reads, e.g. an
     imagefolder), with captions from ``--caption_column`` or the one ``--instance_prompt``."""
+    import datasets  # only here: it pulls in pyarrow, slow to import for runs that read folders
+
     try:
         table = datasets.load_dataset(args.dataset_name, args.dataset_config_name, split="train")
     except Exception as err:  # hub, file and format errors come in many classes
@@ -180,8 +181,6 @@ def dataset_records(args: argparse.Namespace) -> list[DatasetRecord]:
         if name not in table.column_names:
             raise TrainingError(f"--dataset_name {args.dataset_name} has no column {name!r} ({flag}); its columns: "
                                 f"{', '.join(table.column_names)}.")
-    if not captioned and args.instance_prompt is None:
-        raise TrainingError("--dataset_name needs --caption_column or --instance_prompt.")
     prompts = table[column] if captioned else [args.instance_prompt] * len(table)
     for row, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
