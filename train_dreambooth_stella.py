@@ -17,10 +17,12 @@ folder's ``model_index.json`` (``stella_diffusion.training.families``). The help
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import random
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -31,19 +33,31 @@ import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
-from diffusers import DiffusionPipeline
+from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from stella_diffusion import RETRACTIONS, make_riemannian, stella_parameter_groups
+from stella_diffusion import RETRACTIONS, make_riemannian
 from stella_diffusion.cli import ArgumentParser
 from stella_diffusion.evaluation.comparison import EvaluationError, evaluate_against_base, evaluation_setup
 from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME
 from stella_diffusion.integrations.lora_formats import FORMATS, save_lora_formats
-from stella_diffusion.training import adapters, checkpoints, config, data, families, model_setup, outputs
+from stella_diffusion.training import (
+    adapters,
+    buckets,
+    caching,
+    checkpoints,
+    config,
+    data,
+    families,
+    model_setup,
+    optimizers,
+    outputs,
+)
 from stella_diffusion.training.config import TrainingError
+from stella_diffusion.training.ema import AdapterEMA
 from stella_diffusion.training.families import prior_preservation_loss
 from stella_diffusion.tuner.config import INIT_METHODS
 
@@ -62,6 +76,11 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
          help="Path to a diffusers pipeline folder or a model id on huggingface.co (SD 1.x/2.x, SDXL, SD3, Flux).")
     flag("--revision", type=str, default=None, help="Revision of the pretrained model on huggingface.co.")
     flag("--variant", type=str, default=None, help="Variant of the model files, e.g. fp16.")
+    flag("--pretrained_vae_model_name_or_path", type=str, default=None,
+         help="A VAE to use instead of the pipeline's (e.g. madebyollin/sdxl-vae-fp16-fix).")
+    flag("--tokenizer_max_length", type=int, default=None,
+         help="SD 1.x/2.x: the tokenizer's max length (default: the tokenizer's own).")
+    switch("--text_encoder_use_attention_mask", help="SD 1.x/2.x: pass the attention mask to the text encoder.")
     # data
     flag("--instance_data_dir", type=str, default=None,
          help="Folder of instance images (DreamBooth) or an image folder with metadata.jsonl (captioned).")
@@ -70,6 +89,19 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--caption_column", type=str, default=None,
          help="Captioned mode: the metadata.jsonl column that holds each image's caption (default 'text' when the "
               "folder has a metadata.jsonl and no --instance_prompt is given).")
+    flag("--dataset_name", type=str, default=None,
+         help="Instead of --instance_data_dir: a dataset datasets.load_dataset reads (a hub id or a local folder, "
+              "e.g. an imagefolder); its 'train' split is used.")
+    flag("--dataset_config_name", type=str, default=None, help="The config of --dataset_name, if it has several.")
+    flag("--image_column", type=str, default="image", help="--dataset_name: the column holding the images.")
+    flag("--repeats", type=int, default=1, help="How many times each instance image is seen per epoch.")
+    flag("--caption_dropout_rate", type=float, default=0.0,
+         help="Probability of training an image on the empty prompt (keeps classifier-free guidance working).")
+    switch("--shuffle_caption", help="Shuffle the comma-separated tags of each caption (kohya).")
+    flag("--keep_tokens", type=int, default=0, help="--shuffle_caption leaves the first N tags in place.")
+    flag("--validation_split", type=str, default=None,
+         help="A fraction of the training images (e.g. 0.1) or a folder held out for a validation loss, computed "
+              "every --validation_epochs with fixed noise and timesteps.")
     flag("--class_data_dir", type=str, default=None, help="Folder of class images for prior preservation.")
     flag("--class_prompt", type=str, default=None, help="The prompt of the class images.")
     switch("--with_prior_preservation", help="Add the prior preservation loss on class images.")
@@ -82,6 +114,20 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--resolution", type=int, default=512, help="Training resolution: images are resized and cropped to it.")
     switch("--center_crop", help="Center crop to the resolution (default: random crop).")
     switch("--random_flip", help="Randomly flip images horizontally.")
+    flag("--aspect_ratio_buckets", "--enable_bucket", action=argparse.BooleanOptionalAction, default=False,
+         help="Train each image at the bucket closest to its aspect ratio (area about --resolution²), one bucket "
+              "per batch.")
+    flag("--min_bucket_reso", type=int, default=None, help="Smallest bucket side (default: --resolution / 2).")
+    flag("--max_bucket_reso", type=int, default=None, help="Largest bucket side (default: 2 x --resolution).")
+    flag("--bucket_reso_steps", type=int, default=None,
+         help="Bucket sides are multiples of this (default: 64 from 512 px, else the pipeline's multiple).")
+    switch("--cache_latents", help="Encode every training crop with the VAE once before training; the VAE then "
+                                   "leaves the device until validation images need it.")
+    switch("--pre_compute_text_embeddings",
+           help="Encode every prompt once before training (text encoders not trained); they then leave the device.")
+    flag("--cache_dir", type=str, default=None,
+         help="Keep cached latents and text embeddings here (safetensors), reused by runs with the same model, "
+              "data, resolution and augmentation.")
     flag("--dataloader_num_workers", type=int, default=0, help="Data loading subprocesses (0: the main process).")
     # validation
     flag("--validation_prompt", type=str, default=None, help="Prompt of the validation images.")
@@ -171,7 +217,14 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
     flag("--lr_warmup_steps", type=int, default=500, help="Warm-up steps of the learning-rate schedule.")
     flag("--lr_num_cycles", type=int, default=1, help="Hard restarts of cosine_with_restarts.")
     flag("--lr_power", type=float, default=1.0, help="Power of the polynomial schedule.")
-    switch("--use_8bit_adam", help="Use bitsandbytes' 8-bit AdamW.")
+    flag("--optimizer", type=str, default="adamw", choices=optimizers.OPTIMIZERS,
+         help="adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt; use --learning_rate 1.0), adafactor "
+              "(transformers', fixed learning rate) or sgd; StelLA makes any of them Riemannian.")
+    switch("--use_8bit_adam", help="Alias of --optimizer adamw8bit.")
+    flag("--text_encoder_lr", type=float, default=None,
+         help="Learning rate of the text-encoder adapters (default: --learning_rate).")
+    switch("--use_ema", help="Keep an EMA of the adapter (U and V retracted onto the manifold) and export it.")
+    flag("--ema_decay", type=float, default=0.9999, help="The EMA's decay (warmed up as (1 + t) / (10 + t)).")
     flag("--adam_beta1", type=float, default=0.9)
     flag("--adam_beta2", type=float, default=0.999)
     flag("--adam_weight_decay", type=float, default=1e-2, help="Weight decay (never applied to StelLA's U and V).")
@@ -218,11 +271,24 @@ def log_validation(
     return images
 
 
+@torch.no_grad()
+def validation_loss(loader: torch.utils.data.DataLoader, batch_loss: Callable[[dict], torch.Tensor], seed: int,
+                    device: torch.device) -> float:
+    """Mean loss over the held-out images, with the same noise and timesteps at every validation."""
+    losses = []
+    for index, batch in enumerate(loader):
+        with families.step_rng(data.derived_seed(seed, data.VALIDATION_SEED_KEY, index), device):
+            losses.append(batch_loss(batch).float())
+    return float(torch.cat(losses).mean())
+
+
 def main(args: argparse.Namespace) -> None:
     # Every input check runs before anything heavy, so bad input fails in a second with one line.
     config.check_args(args)
     family = families.pipeline_family(args.pretrained_model_name_or_path, args.revision)
     family.check_resolution(args.resolution)
+    if family.name != "sd" and (args.tokenizer_max_length or args.text_encoder_use_attention_mask):
+        raise TrainingError("--tokenizer_max_length and --text_encoder_use_attention_mask are for SD 1.x/2.x.")
     instance_records = data.training_records(args)
     adapter = adapters.make_adapter(adapters.AdapterSettings.from_args(args))
     trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
@@ -235,6 +301,11 @@ def main(args: argparse.Namespace) -> None:
     config.check_output_dir(args.output_dir)
     if args.seed is None:
         args.seed = random.randrange(2**31)
+    instance_records, validation_records = data.split_validation(instance_records, args)
+    bucket_sizes = None
+    if args.aspect_ratio_buckets:
+        settings = buckets.bucket_settings(args, family.resolution_multiple)
+        bucket_sizes = buckets.bucket_resolutions(args.resolution, *settings)
 
     accelerator = Accelerator(
         # adapters whose output a family never reads (the last CLIP layer under SDXL's penultimate-layer
@@ -259,6 +330,11 @@ def main(args: argparse.Namespace) -> None:
     set_seed(args.seed)
     load_kwargs = {"revision": args.revision, "variant": args.variant, **family.load_kwargs}
 
+    def vae_override(dtype: torch.dtype) -> dict:
+        if args.pretrained_vae_model_name_or_path is None:
+            return {}
+        return {"vae": AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=dtype)}
+
     # Class images for prior preservation: generated with the base model when there are too few.
     class_records = None
     if args.with_prior_preservation:
@@ -266,7 +342,8 @@ def main(args: argparse.Namespace) -> None:
         dtype = {"no": torch.float32, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
         data.generate_class_images(args.pretrained_model_name_or_path, args.class_data_dir, args.class_prompt,
                                    args.num_class_images, accelerator=accelerator, batch_size=args.sample_batch_size,
-                                   seed=args.seed, torch_dtype=dtype, load_kwargs=load_kwargs,
+                                   seed=args.seed, torch_dtype=dtype,
+                                   load_kwargs={**load_kwargs, **vae_override(dtype)},
                                    generation_kwargs=validation_kwargs(args))
         class_records = data.dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
         class_records = class_records[: args.num_class_images]
@@ -275,7 +352,7 @@ def main(args: argparse.Namespace) -> None:
 
     # The pipeline in float32: adapters are added (and initialised, e.g. by an SVD) before any cast.
     pipe = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=torch.float32,
-                                             **load_kwargs)
+                                             **load_kwargs, **vae_override(torch.float32))
     modules = {name: m for name, m in pipe.components.items() if isinstance(m, nn.Module)}
     for module in modules.values():
         module.requires_grad_(False)
@@ -298,35 +375,37 @@ def main(args: argparse.Namespace) -> None:
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
 
-    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict) and the history as JSON,
-    # not the frozen model; nothing in them is ever unpickled.
+    # Checkpoints hold the adapter only (native StelLA factors or the peft state dict), its EMA with --use_ema
+    # (ema_adapter.safetensors) and the history as JSON, not the frozen model; nothing in them is ever unpickled.
     history = checkpoints.TrainingHistory()
+    trained_modules = list(components.values())
+    ema = AdapterEMA(trained_modules, args.ema_decay) if args.use_ema else None
 
     def save_model_hook(models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
         if accelerator.is_main_process:
             adapter.save(output_dir, components)
             history.save(Path(output_dir, checkpoints.HISTORY_NAME))
+            if ema is not None:
+                ema.save(output_dir)
         weights.clear()
 
     def load_model_hook(models: list[nn.Module], input_dir: str) -> None:
         models.clear()
         adapter.load(input_dir, components)
         history.load(Path(input_dir, checkpoints.HISTORY_NAME))
+        if ema is not None and not ema.load(input_dir):
+            logger.warning(f"{input_dir} has no EMA of the adapter; the EMA restarts from the resumed weights.")
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
     if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if args.use_8bit_adam:
-        import bitsandbytes as bnb
-
-        optimizer_cls = bnb.optim.AdamW8bit
-    else:
-        optimizer_cls = torch.optim.AdamW
-    trained_modules = list(components.values())
-    optimizer = optimizer_cls(stella_parameter_groups(nn.ModuleList(trained_modules), args.adam_weight_decay),
-                              lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        factor = args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+        args.learning_rate *= factor
+        args.text_encoder_lr = args.text_encoder_lr and args.text_encoder_lr * factor
+    # --optimizer over one group per component and kind: U and V without weight decay, text encoders at their lr
+    optimizer = optimizers.build_optimizer(
+        optimizers.parameter_groups(components, family.denoiser, args.adam_weight_decay, args.text_encoder_lr), args)
     riemannian = None
     if args.adapter == "stella":
         # The StelLA step: before each optimizer step the U/V gradients become Riemannian; after it the change
@@ -334,15 +413,32 @@ def main(args: argparse.Namespace) -> None:
         riemannian = make_riemannian(optimizer, trained_modules, retraction=args.stella_retraction,
                                      grad_scaling=args.stella_grad_scaling)
 
+    # Aspect-ratio buckets: each image at the bucket nearest its shape, each batch from one bucket.
+    bucket_of = partial(buckets.nearest_bucket, buckets=bucket_sizes) if bucket_sizes else None
+    captions = data.CaptionSettings(args.caption_dropout_rate, args.shuffle_caption, args.keep_tokens)
     train_dataset = data.DreamBoothDataset(instance_records, class_records, size=args.resolution,
                                            center_crop=args.center_crop, random_flip=args.random_flip,
-                                           seed=args.seed)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, batch_size=args.train_batch_size,
-        sampler=data.EpochShuffleSampler(len(train_dataset), args.seed),
-        collate_fn=partial(data.collate_fn, with_prior_preservation=args.with_prior_preservation),
-        num_workers=args.dataloader_num_workers,
-    )
+                                           seed=args.seed, bucket_of=bucket_of, captions=captions,
+                                           repeats=args.repeats)
+
+    def loader(dataset: data.DreamBoothDataset, shuffle: bool, prior: bool) -> torch.utils.data.DataLoader:
+        if args.aspect_ratio_buckets:
+            order = {"batch_sampler": buckets.BucketBatchSampler(dataset.item_buckets(), args.train_batch_size,
+                                                                 args.seed, shuffle=shuffle)}
+        else:
+            order = {"batch_size": args.train_batch_size,
+                     "sampler": data.EpochShuffleSampler(len(dataset), args.seed) if shuffle else None}
+        return torch.utils.data.DataLoader(
+            dataset, **order, num_workers=args.dataloader_num_workers,
+            collate_fn=partial(data.collate_fn, with_prior_preservation=prior))
+
+    train_dataloader = loader(train_dataset, shuffle=True, prior=args.with_prior_preservation)
+    # --validation_split: held-out images, centre-cropped, never flipped, scored every --validation_epochs
+    validation_dataset = validation_dataloader = None
+    if validation_records:
+        validation_dataset = data.DreamBoothDataset(validation_records, size=args.resolution, center_crop=True,
+                                                    seed=args.seed, bucket_of=bucket_of)
+        validation_dataloader = loader(validation_dataset, shuffle=False, prior=False)
     num_update_steps_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
     if args.max_train_steps is None:
         args.max_train_steps = args.num_train_epochs * num_update_steps_per_epoch
@@ -360,13 +456,48 @@ def main(args: argparse.Namespace) -> None:
     args.num_train_epochs = math.ceil(args.max_train_steps / num_update_steps_per_epoch)
 
     text_encoders = {slot: trained.get(slot, getattr(pipe, slot, None)) for slot in family.text_encoders}
-    encode_prompts = family.prompt_encoder(pipe, text_encoders, args.max_sequence_length)
+    encode_prompts = family.prompt_encoder(pipe, text_encoders, args.max_sequence_length,
+                                           tokenizer_max_length=args.tokenizer_max_length,
+                                           use_attention_mask=args.text_encoder_use_attention_mask)
+
+    # --cache_latents / --pre_compute_text_embeddings: the frozen VAE and text encoders run once, then leave the
+    # device (validation images bring them back for a while). Cached latents are the VAE's distributions, sampled
+    # at each step under the step's seed as the VAE would: the same losses as without caching.
+    offloaded: list[nn.Module] = []
+    channels_last = False  # the layout of the VAE's output, which cached latents reproduce
+    if args.cache_latents:
+        channels_last = caching.cache_latents(
+            [d for d in (train_dataset, validation_dataset) if d is not None], pipe.vae,
+            batch_size=args.train_batch_size, cache_dir=args.cache_dir, key_fields=caching.latent_key_fields(args))
+        offloaded.append(pipe.vae)
+    if args.pre_compute_text_embeddings:
+        prompts = {r.prompt for r in [*instance_records, *validation_records, *(class_records or [])]}
+        encode_prompts = caching.cache_text_embeddings(
+            prompts | ({""} if args.caption_dropout_rate else set()), encode_prompts, accelerator.device,
+            shared_keys=family.shared_conditioning, batch_size=args.train_batch_size, cache_dir=args.cache_dir,
+            key_fields=caching.text_key_fields(args, family.name, family.text_encoders, weight_dtype))
+        offloaded += [m for m in text_encoders.values() if m is not None]
+    caching.offload(offloaded)
     loss_settings = families.LossSettings(
         snr_gamma=args.snr_gamma, noise_offset=args.noise_offset, prediction_type=args.prediction_type,
         weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
         mode_scale=args.mode_scale, guidance_scale=args.guidance_scale,
     )
     noise_scheduler = family.noise_scheduler(pipe, loss_settings)
+    vae_config = pipe.vae.config
+
+    def batch_loss(batch: dict) -> torch.Tensor:
+        """The per-sample loss of a batch: latents (encoded now, or drawn from the cache), conditioning, loss."""
+        with torch.no_grad():
+            if "latent_parameters" in batch:
+                sample = caching.sample_latents(batch["latent_parameters"].to(accelerator.device), channels_last)
+                latents = family.scale_latents(sample, vae_config).to(weight_dtype)
+            else:
+                latents = family.encode_latents(pipe.vae, batch["pixel_values"]).to(weight_dtype)
+        with torch.set_grad_enabled(args.train_text_encoder and torch.is_grad_enabled()):
+            conditioning = encode_prompts(batch["prompts"], accelerator.device)
+        conditioning.update(family.image_conditioning(batch, accelerator.device))
+        return family.loss(trained[family.denoiser], noise_scheduler, latents, conditioning, loss_settings)
 
     if accelerator.is_main_process:
         tracker_config = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in vars(args).items()}
@@ -409,13 +540,7 @@ def main(args: argparse.Namespace) -> None:
                     break
                 seed = data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
                 with accelerator.accumulate(*trained.values()), families.step_rng(seed, accelerator.device):
-                    with torch.no_grad():
-                        latents = family.encode_latents(pipe.vae, batch["pixel_values"]).to(weight_dtype)
-                    with torch.set_grad_enabled(args.train_text_encoder):
-                        conditioning = encode_prompts(batch["prompts"], accelerator.device)
-                    conditioning.update(family.image_conditioning(batch, args.resolution, accelerator.device))
-                    per_sample = family.loss(trained[family.denoiser], noise_scheduler, latents, conditioning,
-                                             loss_settings)
+                    per_sample = batch_loss(batch)
                     loss = prior_preservation_loss(per_sample, args.with_prior_preservation, args.prior_loss_weight)
                     loss_value = accelerator.gather(loss.detach().reshape(1)).mean().item()
                     checkpoints.check_finite_loss(loss_value, global_step + 1, args.output_dir)
@@ -431,6 +556,8 @@ def main(args: argparse.Namespace) -> None:
                     continue
                 progress_bar.update(1)
                 global_step += 1
+                if ema is not None:
+                    ema.step()
                 skipped = bool(riemannian and riemannian.last_step_skipped)
                 skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
                 record = {"step": global_step, "epoch": epoch, "loss": float(np.mean(micro_losses)),
@@ -450,10 +577,17 @@ def main(args: argparse.Namespace) -> None:
                 checkpoints.check_divergence(record, skipped_in_a_row, args.max_skipped_steps,
                                              args.max_orthonormality_error, args.output_dir)
 
-            if accelerator.is_main_process and args.validation_prompt and epoch % args.validation_epochs == 0:
+            if epoch % args.validation_epochs == 0:
                 for model in trained.values():
                     model.eval()
-                log_validation(pipe, args, accelerator, global_step, "validation")
+                if validation_dataloader is not None and history.records:  # on every process: DDP forwards
+                    value = validation_loss(validation_dataloader, batch_loss, args.seed, accelerator.device)
+                    history.records[-1]["validation_loss"] = value
+                    accelerator.log({"validation_loss": value}, step=global_step)
+                    logger.info(f"Validation loss after epoch {epoch}: {value:.5f}")
+                if accelerator.is_main_process and args.validation_prompt:
+                    with caching.onloaded(offloaded, accelerator.device):
+                        log_validation(pipe, args, accelerator, global_step, "validation")
     except TrainingError:
         accelerator.end_training()
         raise
@@ -468,17 +602,19 @@ def main(args: argparse.Namespace) -> None:
     accelerator.wait_for_everyone()
     model_setup.check_identical_across_processes(accelerator, trained_params)
     if accelerator.is_main_process:
-        exports = save_lora_formats(args.output_dir, type(pipe), adapter.lora_states(components), export_formats,
-                                    training_metadata=outputs.kohya_training_metadata(args))
-        adapter.save(args.output_dir, components)
-        logger.info(f"Saved {', '.join(str(p) for p in exports.values())}")
+        # with --use_ema the exports and the adapter file hold the EMA weights (the checkpoints keep the trained ones)
+        with ema.applied() if ema is not None else contextlib.nullcontext():
+            exports = save_lora_formats(args.output_dir, type(pipe), adapter.lora_states(components),
+                                        export_formats, training_metadata=outputs.kohya_training_metadata(args))
+            adapter.save(args.output_dir, components)
+        logger.info(f"Saved {', '.join(str(p) for p in exports.values())}" + (" (EMA weights)" if ema else ""))
         images, report = [], None
         validates = bool(args.validation_prompt and args.num_validation_images > 0)
         if validates or evaluation is not None:
             # the export in a freshly loaded base pipeline, exactly as a user loads it
             del pipe
             final = DiffusionPipeline.from_pretrained(args.pretrained_model_name_or_path, torch_dtype=weight_dtype,
-                                                      **load_kwargs)
+                                                      **load_kwargs, **vae_override(weight_dtype))
             final.load_lora_weights(args.output_dir, weight_name=LORA_WEIGHT_NAME)
             final.to(accelerator.device)
             if validates:
@@ -500,7 +636,8 @@ def main(args: argparse.Namespace) -> None:
             prompt=None if data.is_captioned(args) else args.instance_prompt, validation_prompt=args.validation_prompt,
             images=images,
             settings={"adapter": args.adapter, "rank": args.rank, "lora_alpha": adapter.settings.scale_alpha,
-                      "trained": ", ".join(trained_names), "learning_rate": args.learning_rate,
+                      "trained": ", ".join(trained_names), "optimizer": args.optimizer,
+                      "learning_rate": args.learning_rate, **({"EMA decay": args.ema_decay} if ema else {}),
                       "lr_scheduler": args.lr_scheduler, "steps": global_step, "batch size": total_batch_size,
                       "resolution": args.resolution, "mixed precision": accelerator.mixed_precision,
                       "seed": args.seed, "prior preservation": args.with_prior_preservation},

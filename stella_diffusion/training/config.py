@@ -107,14 +107,17 @@ def bool_or_float(value: str) -> bool | float:
 _POSITIVE_INTEGERS = ("rank", "train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs",
                       "checkpointing_steps", "validation_epochs", "num_validation_images", "num_class_images",
                       "sample_batch_size", "max_train_steps", "checkpoints_total_limit", "num_inference_steps",
-                      "max_sequence_length", "num_eval_images", "max_skipped_steps")
-_NON_NEGATIVE_INTEGERS = ("lr_warmup_steps", "dataloader_num_workers", "lr_num_cycles")
+                      "max_sequence_length", "num_eval_images", "max_skipped_steps", "repeats",
+                      "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps", "tokenizer_max_length")
+_NON_NEGATIVE_INTEGERS = ("lr_warmup_steps", "dataloader_num_workers", "lr_num_cycles", "keep_tokens")
 _FINITE_FLOATS = ("learning_rate", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon", "max_grad_norm",
                   "lora_alpha", "prior_loss_weight", "snr_gamma", "noise_offset", "logit_mean", "logit_std",
                   "mode_scale", "guidance_scale", "validation_guidance_scale", "lr_power",
-                  "max_orthonormality_error")
+                  "max_orthonormality_error", "text_encoder_lr", "caption_dropout_rate", "ema_decay")
 _POSITIVE_FLOATS = ("learning_rate", "adam_epsilon", "max_grad_norm", "lora_alpha", "snr_gamma",
-                    "max_orthonormality_error")
+                    "max_orthonormality_error", "text_encoder_lr")
+# optimizers from optional packages (--optimizer): the package each needs
+_OPTIMIZER_PACKAGES = {"adamw8bit": "bitsandbytes", "prodigy": "prodigyopt"}
 # Trackers accelerate can log to, by the module each needs.
 _TRACKER_MODULES = {"tensorboard": "tensorboard", "wandb": "wandb", "comet_ml": "comet_ml"}
 
@@ -123,8 +126,9 @@ def check_args(args: argparse.Namespace) -> None:
     """The input checks that need no model or data; each failure is one `TrainingError` line."""
     if args.pretrained_model_name_or_path is None:
         raise TrainingError("--pretrained_model_name_or_path is required.")
-    if args.instance_data_dir is None:
-        raise TrainingError("--instance_data_dir is required (the DreamBooth images or the captioned image folder).")
+    if (args.instance_data_dir is None) == (args.dataset_name is None):
+        raise TrainingError("Give one of --instance_data_dir (the DreamBooth images or a captioned image folder) and "
+                            "--dataset_name (a datasets.load_dataset source).")
     for flag in _POSITIVE_INTEGERS:
         value = getattr(args, flag, None)
         if value is not None and value <= 0:
@@ -147,8 +151,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--with_prior_preservation needs --class_data_dir and --class_prompt.")
     if args.lora_layers is not None and not all(t.strip() for t in args.lora_layers.split(",")):
         raise TrainingError(f"--lora_layers {args.lora_layers!r} has an empty entry.")
-    if args.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
-        raise TrainingError("--use_8bit_adam needs bitsandbytes: `pip install bitsandbytes`.")
+    _check_feature_args(args)
     trackers = [] if args.report_to == "none" else list(_TRACKER_MODULES) if args.report_to == "all" else [
         args.report_to]
     for tracker in trackers:
@@ -162,6 +165,29 @@ def check_args(args: argparse.Namespace) -> None:
 
         if not is_xformers_available():
             raise TrainingError("--enable_xformers_memory_efficient_attention needs xformers: `pip install xformers`.")
+
+
+def _check_feature_args(args: argparse.Namespace) -> None:
+    """Checks of the data, caching, optimizer and EMA flags (``--use_8bit_adam`` becomes ``--optimizer adamw8bit``)."""
+    if not 0.0 <= args.caption_dropout_rate <= 1.0:
+        raise TrainingError(f"--caption_dropout_rate must be in [0, 1], got {args.caption_dropout_rate}.")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise TrainingError(f"--ema_decay must be in (0, 1), got {args.ema_decay}.")
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw8bit"):
+            raise TrainingError(f"--use_8bit_adam (= --optimizer adamw8bit) contradicts --optimizer {args.optimizer}.")
+        args.optimizer = "adamw8bit"
+    package = _OPTIMIZER_PACKAGES.get(args.optimizer)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise TrainingError(f"--optimizer {args.optimizer} needs {package}: `pip install {package}`.")
+    if args.pre_compute_text_embeddings and args.train_text_encoder:
+        raise TrainingError("--pre_compute_text_embeddings needs frozen text encoders; drop --train_text_encoder.")
+    if args.pre_compute_text_embeddings and args.shuffle_caption:
+        raise TrainingError("--pre_compute_text_embeddings encodes each caption once; --shuffle_caption makes new "
+                            "captions every epoch. Use one of them.")
+    if args.aspect_ratio_buckets and args.with_prior_preservation:
+        raise TrainingError("--aspect_ratio_buckets cannot be combined with --with_prior_preservation (class images "
+                            "share each batch with the instance images, so they would need the same bucket).")
 
 
 def check_output_dir(output_dir: str | Path) -> None:

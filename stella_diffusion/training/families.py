@@ -75,12 +75,15 @@ class PromptEncoder:
     """
 
     def __init__(self, family: PipelineFamily, tokenizers: Mapping[str, Any], text_encoders: Mapping[str, Any],
-                 max_sequence_length: int | None = None, joint_attention_dim: int | None = None) -> None:
+                 max_sequence_length: int | None = None, joint_attention_dim: int | None = None,
+                 tokenizer_max_length: int | None = None, use_attention_mask: bool = False) -> None:
         self.family = family
         self.tokenizers = tokenizers
         self.text_encoders = text_encoders
         self.max_sequence_length = max_sequence_length or family.max_sequence_length
         self.joint_attention_dim = joint_attention_dim
+        self.tokenizer_max_length = tokenizer_max_length  # SD 1.x / 2.x (diffusers' --tokenizer_max_length)
+        self.use_attention_mask = use_attention_mask  # SD 1.x / 2.x (--text_encoder_use_attention_mask)
 
     def ids(self, slot: str, prompts: Sequence[str], max_length: int, device: torch.device) -> torch.Tensor:
         """Token ids of ``prompts`` for the text encoder in ``slot``, padded to ``max_length``."""
@@ -109,6 +112,7 @@ class PipelineFamily:
     max_sequence_length: int | None = None  # the pipeline's default T5 length, so training sees what inference gives
     resolution_multiple: int = 8
     float32_components: tuple[str, ...] = ()  # components kept in float32 whatever the mixed precision
+    shared_conditioning: tuple[str, ...] = ()  # prompt outputs that are one tensor per batch, not one row per prompt
     load_kwargs: Mapping[str, Any] = {}
 
     def check_resolution(self, resolution: int) -> None:
@@ -117,11 +121,12 @@ class PipelineFamily:
                                 f"{self.pipeline_class}, got {resolution}.")
 
     def prompt_encoder(self, pipe: DiffusionPipeline, text_encoders: Mapping[str, nn.Module | None],
-                       max_sequence_length: int | None = None) -> PromptEncoder:
-        """The caption encoder for ``pipe``, running ``text_encoders`` (trained ones possibly DDP-wrapped)."""
+                       max_sequence_length: int | None = None, **options: Any) -> PromptEncoder:
+        """The caption encoder for ``pipe``, running ``text_encoders`` (trained ones possibly DDP-wrapped);
+        ``options`` are `PromptEncoder`'s SD-only ``tokenizer_max_length`` and ``use_attention_mask``."""
         tokenizers = {slot: getattr(pipe, slot) for slot in ("tokenizer", "tokenizer_2", "tokenizer_3")
                       if getattr(pipe, slot, None) is not None}
-        return PromptEncoder(self, tokenizers, text_encoders, max_sequence_length)
+        return PromptEncoder(self, tokenizers, text_encoders, max_sequence_length, **options)
 
     def encode_prompts(self, encoder: PromptEncoder, prompts: Sequence[str], device: torch.device
                        ) -> dict[str, torch.Tensor]:
@@ -129,11 +134,13 @@ class PipelineFamily:
 
     def encode_latents(self, vae: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         """VAE latents scaled the way the family's pipeline decodes them."""
-        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.sample()
-        return latents * vae.config.scaling_factor
+        return self.scale_latents(vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.sample(), vae.config)
 
-    def image_conditioning(self, batch: Mapping[str, Any], resolution: int, device: torch.device
-                           ) -> dict[str, torch.Tensor]:
+    def scale_latents(self, latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+        """A VAE sample scaled the way the family's pipeline decodes it (cached latents go through this too)."""
+        return latents * vae_config.scaling_factor
+
+    def image_conditioning(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
         """Conditioning that comes from the images rather than the captions (none but for SDXL)."""
         return {}
 
@@ -157,9 +164,10 @@ class StableDiffusionFamily(PipelineFamily):
                        ) -> dict[str, torch.Tensor]:
         text_encoder = encoder.text_encoders["text_encoder"]
         tokenizer = encoder.tokenizers["tokenizer"]
-        tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
-                           truncation=True, return_tensors="pt")
-        use_mask = getattr(extract_model_from_parallel(text_encoder).config, "use_attention_mask", False)
+        tokens = tokenizer(list(prompts), padding="max_length", truncation=True, return_tensors="pt",
+                           max_length=encoder.tokenizer_max_length or tokenizer.model_max_length)
+        use_mask = encoder.use_attention_mask or getattr(extract_model_from_parallel(text_encoder).config,
+                                                         "use_attention_mask", False)
         mask = tokens.attention_mask.to(device) if use_mask else None
         return {"encoder_hidden_states": text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]}
 
@@ -219,11 +227,10 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
             "pooled_projections": outputs[-1][0],
         }
 
-    def image_conditioning(self, batch: Mapping[str, Any], resolution: int, device: torch.device
-                           ) -> dict[str, torch.Tensor]:
-        """SDXL's micro-conditioning per image: original size, crop corner, target size."""
-        rows = [list(size) + list(crop) + [resolution, resolution]
-                for size, crop in zip(batch["original_sizes"], batch["crop_top_lefts"], strict=True)]
+    def image_conditioning(self, batch: Mapping[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+        """SDXL's micro-conditioning per image: original size, crop corner, target size (the bucket's)."""
+        rows = [list(size) + list(crop) + list(target) for size, crop, target
+                in zip(batch["original_sizes"], batch["crop_top_lefts"], batch["target_sizes"], strict=True)]
         return {"time_ids": torch.tensor(rows, device=device, dtype=torch.float32)}
 
     def unet_kwargs(self, conditioning: Mapping[str, torch.Tensor]) -> dict[str, Any]:
@@ -236,12 +243,11 @@ class FlowMatchingFamily(PipelineFamily):
 
     denoiser = "transformer"
 
-    def encode_latents(self, vae: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-        latents = vae.encode(pixel_values.to(vae.device, vae.dtype)).latent_dist.sample()
-        shift = getattr(vae.config, "shift_factor", None)
+    def scale_latents(self, latents: torch.Tensor, vae_config: Any) -> torch.Tensor:
+        shift = getattr(vae_config, "shift_factor", None)
         if shift is not None:
             latents = latents - shift
-        return latents * vae.config.scaling_factor
+        return latents * vae_config.scaling_factor
 
     def noise_scheduler(self, pipe: DiffusionPipeline, settings: LossSettings) -> Any:
         return FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
@@ -275,8 +281,8 @@ class StableDiffusion3Family(FlowMatchingFamily):
     max_sequence_length = 256
 
     def prompt_encoder(self, pipe: DiffusionPipeline, text_encoders: Mapping[str, nn.Module | None],
-                       max_sequence_length: int | None = None) -> PromptEncoder:
-        encoder = super().prompt_encoder(pipe, text_encoders, max_sequence_length)
+                       max_sequence_length: int | None = None, **options: Any) -> PromptEncoder:
+        encoder = super().prompt_encoder(pipe, text_encoders, max_sequence_length, **options)
         encoder.joint_attention_dim = pipe.transformer.config.joint_attention_dim  # zeros stand in for no T5
         return encoder
 
@@ -336,6 +342,7 @@ class FluxFamily(FlowMatchingFamily):
     pipeline_class = "FluxPipeline"
     text_encoders = ("text_encoder", "text_encoder_2")
     trainable_text_encoders = ("text_encoder",)
+    shared_conditioning = ("txt_ids",)
     max_sequence_length = 512
     resolution_multiple = 16
 

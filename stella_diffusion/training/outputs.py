@@ -41,7 +41,8 @@ def smoothed(values: Sequence[float], weight: float = 0.9) -> np.ndarray:
 
 
 def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
-    """A PNG of the loss per step (raw and smoothed) and of ``max|UᵀU − I|`` (StelLA only) on a log scale."""
+    """A PNG of the loss per step (raw and smoothed, and the validation loss where there is one) and of
+    ``max|UᵀU − I|`` (StelLA only) on a log scale."""
     steps = [r["step"] for r in records]
     losses = [r["loss"] for r in records]
     errors = [r.get("orthonormality_error") for r in records]
@@ -49,6 +50,9 @@ def plot_training_curves(records: Sequence[Mapping[str, Any]], path: str | Path)
     ax_loss, ax_orth = fig.subplots(1, 2)
     ax_loss.plot(steps, losses, lw=0.6, alpha=0.4, label="per step")
     ax_loss.plot(steps, smoothed(losses), lw=1.5, label="smoothed (EMA 0.9)")
+    validation = [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r]
+    if validation:
+        ax_loss.plot(*zip(*validation, strict=True), "o-", lw=1.2, label="validation (--validation_split)")
     ax_loss.set(xlabel="step", ylabel="loss", title="training loss")
     ax_loss.legend()
     if any(e is not None for e in errors):
