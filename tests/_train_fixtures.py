@@ -1,13 +1,15 @@
-"""Shared pieces of tests/test_train_script.py: the script as a module, tiny data folders, run arguments."""
+"""Shared pieces of the training-script tests: the script as a module, tiny data folders, run arguments, runs."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 from stella_diffusion.shapes.domain import CONCEPT_TOKEN, write_image_folder
+from stella_diffusion.training.checkpoints import HISTORY_NAME
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_dreambooth_stella.py"
@@ -42,3 +44,14 @@ def tiny_args(pipeline: Path, data: Path, output: Path, *extra: str) -> list[str
             "--instance_data_dir", str(data), "--output_dir", str(output), "--report_to", "none",
             "--validation_prompt", "", *extra]
 
+
+def run(argv: list[str]) -> list[dict]:
+    """Run the training script in this process; returns its per-step history (``training_history.json``)."""
+    script = train_script()
+    script.main(script.parse_args(argv))
+    return history(Path(argv[argv.index("--output_dir") + 1]))
+
+
+def history(output_dir: Path) -> list[dict]:
+    """The per-step records a run wrote."""
+    return json.loads((Path(output_dir) / HISTORY_NAME).read_text())

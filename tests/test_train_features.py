@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,33 +18,19 @@ from stella_diffusion.shapes.domain import INSTANCE_PROMPT
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 from stella_diffusion.training import families
 from stella_diffusion.training.buckets import BucketBatchSampler, bucket_resolutions, nearest_bucket
-from stella_diffusion.training.checkpoints import HISTORY_NAME
 from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.data import CaptionSettings, DreamBoothDataset, ImageRecord, collate_fn
 from stella_diffusion.training.ema import EMA_WEIGHT_NAME
 
-from ._train_fixtures import REPO, TINY_CONFIG, captioned_folder, dreambooth_folder, tiny_args, train_script
+from ._train_fixtures import (
+    REPO,
+    TINY_CONFIG,
+    dreambooth_folder,
+    run,
+    tiny_args,
+    train_script,
+)
 from .stock_runner import run_stock
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_process():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sd_pipeline(tmp_path_factory):
-    return build_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny") / "sd")
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return captioned_folder(tmp_path_factory.mktemp("data") / "style")
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +43,6 @@ def mixed_dir(tmp_path_factory):
         pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
         Image.fromarray(pixels).save(folder / f"{i:02d}.png")
     return folder
-
-
-def run(argv: list[str]) -> list[dict]:
-    script = train_script()
-    script.main(script.parse_args(argv))
-    return json.loads((Path(argv[argv.index("--output_dir") + 1]) / HISTORY_NAME).read_text())
 
 
 def losses(records: list[dict]) -> list[float]:

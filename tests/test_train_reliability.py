@@ -33,7 +33,6 @@ from stella_diffusion.files import UnreadableImageWarning
 from stella_diffusion.integrations.diffusers import LORA_WEIGHT_NAME, NATIVE_WEIGHT_NAME
 from stella_diffusion.optim import RiemannianHooks
 from stella_diffusion.shapes.domain import INSTANCE_PROMPT
-from stella_diffusion.testing import build_tiny_pipeline
 from stella_diffusion.training import config
 from stella_diffusion.training.adapters import read_saved_settings
 from stella_diffusion.training.checkpoints import (
@@ -47,33 +46,9 @@ from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.data import captioned_records, folder_images
 from stella_diffusion.training.model_setup import check_identical_across_processes
 
-from ._train_fixtures import REPO, SCRIPT, captioned_folder, dreambooth_folder, tiny_args, train_script
+from ._train_fixtures import REPO, SCRIPT, captioned_folder, dreambooth_folder, history, run, tiny_args, train_script
 
 KILLER = Path(__file__).resolve().parent / "_kill_during_save.py"
-
-
-@pytest.fixture(scope="module")
-def sd_pipeline(tmp_path_factory):
-    return build_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny") / "sd")
-
-
-@pytest.fixture(scope="module")
-def concept_dir(tmp_path_factory):
-    return dreambooth_folder(tmp_path_factory.mktemp("data") / "concept")
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return captioned_folder(tmp_path_factory.mktemp("data") / "style")
-
-
-def run(argv: list[str]) -> None:
-    script = train_script()
-    script.main(script.parse_args(argv))
-
-
-def history(output_dir: Path) -> list[dict]:
-    return json.loads((output_dir / HISTORY_NAME).read_text())
 
 
 def snapshot(folder: Path) -> dict[str, bytes] | None:

@@ -44,52 +44,12 @@ from ._train_fixtures import (
     TINY_CONFIG,
     captioned_folder,
     dreambooth_folder,
+    history,
+    run,
     tiny_args,
     train_script,
 )
 from .stock_runner import run_stock
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_per_process():
-    """One intra-op thread here and in the subprocesses: on a few shared cores, OpenMP threads that wait for each
-    other made these tiny runs 10-30x slower (e.g. 40 s instead of 1.2 s for four steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def sd_pipeline(tmp_path_factory):
-    return build_tiny_pipeline("sd", tmp_path_factory.mktemp("tiny") / "sd")
-
-
-@pytest.fixture(scope="module")
-def sdxl_pipeline(tmp_path_factory):
-    return build_tiny_pipeline("sdxl", tmp_path_factory.mktemp("tiny") / "sdxl")
-
-
-@pytest.fixture(scope="module")
-def concept_dir(tmp_path_factory):
-    return dreambooth_folder(tmp_path_factory.mktemp("data") / "concept")
-
-
-@pytest.fixture(scope="module")
-def style_dir(tmp_path_factory):
-    return captioned_folder(tmp_path_factory.mktemp("data") / "style")
-
-
-def run(argv: list[str]) -> None:
-    script = train_script()
-    script.main(script.parse_args(argv))
-
-
-def history(output_dir) -> list[dict]:
-    return json.loads((output_dir / HISTORY_NAME).read_text())
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # Arguments and bad input: each is one clear error before any model is loaded
