@@ -55,6 +55,7 @@ from stella_diffusion.training import (
     model_setup,
     optimizers,
     outputs,
+    records,
 )
 from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.ema import AdapterEMA
@@ -277,7 +278,7 @@ def validation_loss(loader: torch.utils.data.DataLoader, batch_loss: Callable[[d
     """Mean loss over the held-out images, with the same noise and timesteps at every validation."""
     losses = []
     for index, batch in enumerate(loader):
-        with families.step_rng(data.derived_seed(seed, data.VALIDATION_SEED_KEY, index), device):
+        with families.step_rng(records.derived_seed(seed, records.VALIDATION_SEED_KEY, index), device):
             losses.append(batch_loss(batch).float())
     return float(torch.cat(losses).mean())
 
@@ -289,7 +290,7 @@ def main(args: argparse.Namespace) -> None:
     family.check_resolution(args.resolution)
     if family.name != "sd" and (args.tokenizer_max_length or args.text_encoder_use_attention_mask):
         raise TrainingError("--tokenizer_max_length and --text_encoder_use_attention_mask are for SD 1.x/2.x.")
-    instance_records = data.training_records(args)
+    instance_records = records.training_records(args)
     adapter = adapters.make_adapter(adapters.AdapterSettings.from_args(args))
     trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
     trained_names = model_setup.present_components(args.pretrained_model_name_or_path, args.revision, trained_names)
@@ -301,7 +302,7 @@ def main(args: argparse.Namespace) -> None:
     config.check_output_dir(args.output_dir)
     if args.seed is None:
         args.seed = random.randrange(2**31)
-    instance_records, validation_records = data.split_validation(instance_records, args)
+    instance_records, validation_records = records.split_validation(instance_records, args)
     bucket_sizes = None
     if args.aspect_ratio_buckets:
         settings = buckets.bucket_settings(args, family.resolution_multiple)
@@ -345,7 +346,7 @@ def main(args: argparse.Namespace) -> None:
                                    seed=args.seed, torch_dtype=dtype,
                                    load_kwargs={**load_kwargs, **vae_override(dtype)},
                                    generation_kwargs=validation_kwargs(args))
-        class_records = data.dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
+        class_records = records.dreambooth_records(args.class_data_dir, args.class_prompt, "--class_data_dir")
         class_records = class_records[: args.num_class_images]
     if accelerator.is_main_process:
         Path(args.output_dir).mkdir(parents=True, exist_ok=True)
@@ -507,7 +508,7 @@ def main(args: argparse.Namespace) -> None:
     logger.info("***** Running training *****")
     logger.info(f"  Pipeline family = {family.name}, adapter = {args.adapter}, trained = {', '.join(trained_names)}")
     logger.info(f"  Num examples = {len(train_dataset)} "
-                f"({'captioned' if data.is_captioned(args) else 'DreamBooth'})")
+                f"({'captioned' if records.is_captioned(args) else 'DreamBooth'})")
     logger.info(f"  Num epochs = {args.num_train_epochs}, total optimization steps = {args.max_train_steps}")
     logger.info(f"  Total train batch size (parallel, distributed & accumulation) = {total_batch_size}")
 
@@ -538,7 +539,7 @@ def main(args: argparse.Namespace) -> None:
             for batch_index, batch in enumerate(batches, start=skip):
                 if global_step >= args.max_train_steps:  # checked first: a resume may start at the end
                     break
-                seed = data.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
+                seed = records.derived_seed(args.seed, epoch, batch_index, accelerator.process_index)
                 with accelerator.accumulate(*trained.values()), families.step_rng(seed, accelerator.device):
                     per_sample = batch_loss(batch)
                     loss = prior_preservation_loss(per_sample, args.with_prior_preservation, args.prior_loss_weight)
@@ -633,8 +634,8 @@ def main(args: argparse.Namespace) -> None:
                 logger.info("\n" + report)
         outputs.write_model_card(
             args.output_dir, base_model=args.pretrained_model_name_or_path, family=family.name, adapter=adapter,
-            prompt=None if data.is_captioned(args) else args.instance_prompt, validation_prompt=args.validation_prompt,
-            images=images,
+            prompt=None if records.is_captioned(args) else args.instance_prompt,
+            validation_prompt=args.validation_prompt, images=images,
             settings={"adapter": args.adapter, "rank": args.rank, "lora_alpha": adapter.settings.scale_alpha,
                       "trained": ", ".join(trained_names), "optimizer": args.optimizer,
                       "learning_rate": args.learning_rate, **({"EMA decay": args.ema_decay} if ema else {}),

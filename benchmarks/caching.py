@@ -86,13 +86,13 @@ def encoder_times(batch_size: int, threads: int, device: str, repeats: int = 20)
     from accelerate import PartialState
     from diffusers import DiffusionPipeline
 
-    from stella_diffusion.training import data, families
+    from stella_diffusion.training import data, families, records
 
     PartialState()  # the training modules log through accelerate
     torch.set_num_threads(threads)
     pipe = DiffusionPipeline.from_pretrained(str(BASE)).to(device)
     family = families.pipeline_family(BASE)
-    dataset = data.DreamBoothDataset(data.captioned_records(DATA), size=32, seed=0)
+    dataset = data.DreamBoothDataset(records.captioned_records(DATA), size=32, seed=0)
     encode = family.prompt_encoder(pipe, {"text_encoder": pipe.text_encoder})
 
     def load() -> dict:

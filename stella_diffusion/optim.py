@@ -26,74 +26,9 @@ import torch
 from torch import nn
 
 from . import manifold
+from .factor_batches import Batch, Factor, batches
 from .tuner import StellaConfig, StellaLayer
 from .tuner.factors import StiefelFactor
-
-
-@dataclass
-class _Factor:
-    """One constrained matrix: ``U`` as is, or ``Vt`` read transposed, with its gradient-scaling factor."""
-
-    param: nn.Parameter
-    transposed: bool
-    step_scale: float
-
-    @property
-    def tall_shape(self) -> tuple[int, int]:
-        rows, cols = self.param.shape
-        return (cols, rows) if self.transposed else (rows, cols)
-
-
-class _Batch:
-    """Factors of one tall shape on one device, handled as one (k, n, r) float32 stack: the U's, then the Vt's.
-
-    Each kind is stacked whole and transposed as one block (stacking k transposed views one by one costs a
-    strided copy each, about 15x slower for 56 matrices of 4 × 64). The stack is stored as (k, r, n), the layout
-    that the manifold's products read and write fastest, and handed on as its (k, n, r) transposed view.
-    """
-
-    def __init__(self, factors: Sequence[_Factor], device: torch.device) -> None:
-        self.factors = [f for f in factors if not f.transposed] + [f for f in factors if f.transposed]
-        self.device = device
-        self.params = [f.param for f in self.factors]
-        self._n_u = len(self.factors) - sum(f.transposed for f in self.factors)
-        scales = [f.step_scale for f in self.factors]
-        # one number where the whole batch shares it (the usual case), else one per matrix
-        self.step_scale: float | torch.Tensor = (
-            scales[0] if len(set(scales)) == 1 else torch.tensor(scales, device=device).view(-1, 1, 1)
-        )
-
-    def with_grads(self) -> tuple[_Batch, list[torch.Tensor]] | None:
-        """This batch (or the part of it whose factors received a gradient this step) and the gradients."""
-        grads = [p.grad for p in self.params]
-        if any(g is None for g in grads):
-            present = [f for f in self.factors if f.param.grad is not None]
-            if not present:
-                return None
-            part = _Batch(present, self.device)
-            return part, [p.grad for p in part.params]
-        return self, grads
-
-    def stack(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """A new (k, n, r) float32 stack of the factors' values or gradients (``tensors`` in ``self.params`` order)."""
-        parts = [torch.stack(tensors[: self._n_u]).mT] if self._n_u else []
-        if self._n_u < len(tensors):
-            parts.append(torch.stack(tensors[self._n_u :]))
-        return (torch.cat(parts) if len(parts) > 1 else parts[0]).float().mT
-
-    def write(self, targets: list[torch.Tensor], stacked: torch.Tensor) -> None:
-        """Copy a (k, n, r) stack into ``targets`` (the factors' values or gradients), one call for all."""
-        n_u = self._n_u
-        torch._foreach_copy_(targets, [*stacked[:n_u].unbind(0), *stacked[n_u:].mT.unbind(0)])
-
-
-def _batches(factors: Iterable[_Factor]) -> list[_Batch]:
-    """Factors of the same tall shape and device are processed as one batch (one retraction call per shape)."""
-    groups: dict[tuple, list[_Factor]] = defaultdict(list)
-    for f in factors:
-        groups[(f.tall_shape, f.param.device)].append(f)
-    return [_Batch(group, device) for (_, device), group in groups.items()]
-
 
 # A retraction's result farther than this from the manifold (max |XᵀX − I|, float32) is not written.
 _RETRACTION_TOLERANCE = 1e-3
@@ -119,7 +54,7 @@ class _Plan:
     """
 
     layout: tuple
-    batches: list[_Batch]
+    batches: list[Batch]
     fused_check: dict[torch.device, list[nn.Parameter]]  # other parameters whose dtype the fused check takes
     plain_check: list[nn.Parameter]  # the remaining ones (bfloat16, float64)
 
@@ -217,7 +152,7 @@ class RiemannianHooks:
         self.skipped_steps = 0
         self._plan: _Plan | None = None
         # the batches of the step under way and their values before it, from the pre- to the post-step hook
-        self._stepped: list[tuple[_Batch, torch.Tensor]] = []
+        self._stepped: list[tuple[Batch, torch.Tensor]] = []
         self._found_inf: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # (flag, 1.0) per device
         self._handles = [
             optimizer.register_step_pre_hook(self._pre_step),
@@ -227,9 +162,9 @@ class RiemannianHooks:
     @staticmethod
     def _collect_factors(
         optimizer: torch.optim.Optimizer, models: Sequence[nn.Module], grad_scaling: bool | float
-    ) -> list[_Factor]:
+    ) -> list[Factor]:
         in_optimizer = {id(p): group for group in optimizer.param_groups for p in group["params"]}
-        factors: list[_Factor] = []
+        factors: list[Factor] = []
         for model in models:
             pairs = []
             for factor in stiefel_factors(model):
@@ -254,7 +189,7 @@ class RiemannianHooks:
             for param, transposed in pairs:
                 n = max(param.shape)
                 scale = 1.0 if width is None or n == width else (n / width) ** -0.5
-                factors.append(_Factor(param, transposed, scale))
+                factors.append(Factor(param, transposed, scale))
         if not factors:
             raise ValueError(
                 "The optimizer holds no StelLA U/V parameters of the given model(s): add the adapter with "
@@ -276,7 +211,7 @@ class RiemannianHooks:
                 for p in group["params"]:
                     if id(p) not in constrained:
                         (fused[p.device] if p.dtype in _FUSED_CHECK_DTYPES else plain).append(p)
-            self._plan = _Plan(layout, _batches(self.factors), dict(fused), plain)
+            self._plan = _Plan(layout, batches(self.factors), dict(fused), plain)
         return self._plan
 
     def _all_grads_finite(self, fused: dict[torch.device, list[torch.Tensor]], plain: list[torch.Tensor]) -> bool:
@@ -309,7 +244,7 @@ class RiemannianHooks:
         plan = self._current_plan()
         work = []  # (batch, its gradients, stacked values, stacked gradients)
         fused: dict[torch.device, list[torch.Tensor]] = defaultdict(list)
-        for batch_grads in map(_Batch.with_grads, plan.batches):
+        for batch_grads in map(Batch.with_grads, plan.batches):
             if batch_grads is not None:
                 batch, grads = batch_grads
                 g = batch.stack(grads)

@@ -19,8 +19,9 @@ from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwa
 from stella_diffusion.training import families
 from stella_diffusion.training.buckets import BucketBatchSampler, bucket_resolutions, nearest_bucket
 from stella_diffusion.training.config import TrainingError
-from stella_diffusion.training.data import CaptionSettings, DreamBoothDataset, ImageRecord, collate_fn
+from stella_diffusion.training.data import CaptionSettings, DreamBoothDataset, collate_fn
 from stella_diffusion.training.ema import EMA_WEIGHT_NAME
+from stella_diffusion.training.records import ImageRecord
 
 from ._train_fixtures import (
     REPO,

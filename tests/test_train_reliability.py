@@ -43,8 +43,8 @@ from stella_diffusion.training.checkpoints import (
     save_checkpoint,
 )
 from stella_diffusion.training.config import TrainingError
-from stella_diffusion.training.data import captioned_records, folder_images
 from stella_diffusion.training.model_setup import check_identical_across_processes
+from stella_diffusion.training.records import captioned_records, folder_images
 
 from ._train_fixtures import REPO, SCRIPT, captioned_folder, dreambooth_folder, history, run, tiny_args, train_script
 

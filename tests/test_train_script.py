@@ -32,10 +32,10 @@ from stella_diffusion.training.adapters import (
 )
 from stella_diffusion.training.checkpoints import HISTORY_NAME, save_checkpoint
 from stella_diffusion.training.config import TrainingError
-from stella_diffusion.training.data import captioned_records, folder_images
 from stella_diffusion.training.families import FAMILIES
 from stella_diffusion.training.model_setup import enable_xformers
 from stella_diffusion.training.outputs import PLOT_NAME
+from stella_diffusion.training.records import captioned_records, folder_images
 
 from ._train_fixtures import (
     PROMPT,

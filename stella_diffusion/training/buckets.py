@@ -17,7 +17,8 @@ import torch
 from torch.utils.data import Sampler
 
 from .config import TrainingError
-from .data import EpochShuffleSampler, derived_seed
+from .data import EpochShuffleSampler
+from .records import derived_seed
 
 
 def bucket_resolutions(resolution: int, min_side: int, max_side: int, step: int) -> list[tuple[int, int]]:

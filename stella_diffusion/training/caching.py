@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_path
-from .data import Crop, DreamBoothDataset, Record, cache_key, crop_pixels
+from .data import Crop, DreamBoothDataset, cache_key, crop_pixels
+from .records import Record
 
 logger = get_logger(__name__)
 # Crops per image (times two with --random_flip) beyond which --cache_latents turns the random crop into a centre
