@@ -84,7 +84,7 @@ def train_and_score(run: Run, args: argparse.Namespace) -> dict[str, Any]:
                 "--output_dir", str(out), "--adapter", run.adapter, "--rank", str(args.rank),
                 "--lora_alpha", str(args.rank), "--learning_rate", str(run.learning_rate), "--seed", str(run.seed),
                 "--max_train_steps", str(args.max_train_steps), "--num_eval_images", str(args.num_eval_images),
-                "--no-eval_base", "--num_validation_images", "0", "--validation_prompt", "",
+                "--no-eval_base", "--validation_prompt", "",  # no validation images
                 "--checkpointing_steps", str(10**9), "--report_to", "none"]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         start = time.perf_counter()
