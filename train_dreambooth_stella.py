@@ -292,9 +292,8 @@ def main(args: argparse.Namespace) -> None:
         raise TrainingError("--tokenizer_max_length and --text_encoder_use_attention_mask are for SD 1.x/2.x.")
     instance_records = records.training_records(args)
     adapter = adapters.make_adapter(adapters.AdapterSettings.from_args(args))
-    trained_names = [family.denoiser] + (list(family.trainable_text_encoders) if args.train_text_encoder else [])
-    trained_names = model_setup.present_components(args.pretrained_model_name_or_path, args.revision, trained_names)
-    model_setup.check_adapter_targets(args.pretrained_model_name_or_path, args.revision, trained_names, adapter)
+    trained_names = model_setup.adapted_components(args.pretrained_model_name_or_path, args.revision, family,
+                                                   args.train_text_encoder, adapter)
     export_formats = adapter.choose_export_formats(getattr(diffusers, family.pipeline_class), args.export_format)
     resume_dir = checkpoints.resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if resume_dir is not None:

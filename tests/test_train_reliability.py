@@ -186,6 +186,8 @@ FLAG_CASES: dict[str, tuple[list[str], str]] = {
     "lora_layers empty entry": (["--lora_layers", "to_q,,to_v"], r"has an empty entry"),
     "model folder without unet/": (["--pretrained_model_name_or_path", "{no_unet}"],
                                    r"^--pretrained_model_name_or_path .*no-unet: no usable unet/ "),
+    "model index without a unet": (["--pretrained_model_name_or_path", "{no_unet_entry}"],
+                                   r"^--pretrained_model_name_or_path .*no-unet-entry has no unet component\.$"),
     "output_dir is a file": (["--output_dir", "{a_file}"], r"^--output_dir .*a-file is a file, not a folder\.$"),
     "output_dir under a file": (["--output_dir", "{a_file}/out"],
                                 r"^--output_dir .*a-file/out cannot be written: Not a directory\.$"),
@@ -218,8 +220,15 @@ def _check_refused(case: str, sd_pipeline: Path, concept_dir: Path, tmp_path: Pa
     extra, message = FLAG_CASES[case]
     if any("{no_unet}" in arg for arg in extra):
         shutil.copytree(sd_pipeline, tmp_path / "no-unet", ignore=shutil.ignore_patterns("unet"))
+    if any("{no_unet_entry}" in arg for arg in extra):  # model_index.json names no unet at all
+        shutil.copytree(sd_pipeline, tmp_path / "no-unet-entry")
+        index_path = tmp_path / "no-unet-entry" / "model_index.json"
+        index = json.loads(index_path.read_text())
+        del index["unet"]
+        index_path.write_text(json.dumps(index))
     (tmp_path / "a-file").write_text("not a folder")
-    extra = [arg.format(no_unet=tmp_path / "no-unet", a_file=tmp_path / "a-file") for arg in extra]
+    extra = [arg.format(no_unet=tmp_path / "no-unet", no_unet_entry=tmp_path / "no-unet-entry",
+                        a_file=tmp_path / "a-file") for arg in extra]
     out = tmp_path / "out"
     if existing_output:
         out.mkdir()

@@ -18,6 +18,7 @@ from torch import nn
 from ..tuner.factors import layer_dims
 from .adapters import Adapter
 from .config import TrainingError
+from .families import PipelineFamily
 
 logger = get_logger(__name__)
 
@@ -69,26 +70,36 @@ def _component_on_meta(model_path: str, revision: str | None, name: str, entry: 
         return cls._from_config(config) if library == "transformers" else cls.from_config(config)
 
 
-def check_adapter_targets(model_path: str, revision: str | None, components: Sequence[str],
-                          adapter: Adapter) -> None:
-    """Check the adapter against the models' configs before any weight is loaded.
+def adapted_components(model_path: str, revision: str | None, family: PipelineFamily, train_text_encoder: bool,
+                       adapter: Adapter) -> list[str]:
+    """The components that get the adapter, checked against the models' configs before any weight is loaded.
 
-    Every target (``--lora_layers`` entry or preset) must match a layer an adapter can take, and the rank must
-    fit each matched layer (U and V need ``rank ≤ min(in, out)`` orthonormal columns; LoRA is held to the same
-    bound, so the comparison is like for like).
+    The denoiser must be there; the trainable text encoders are taken where the pipeline has them (SDXL has no
+    ``text_encoder_3``). Every target (``--lora_layers`` entry or preset) must match a layer an adapter can take,
+    and the rank must fit each matched layer (U and V need ``rank ≤ min(in, out)`` orthonormal columns; LoRA is
+    held to the same bound, so the comparison is like for like).
 
     Args:
         model_path: the pipeline folder or hub id.
         revision: its revision on the hub.
-        components: the pipeline components that get the adapter (the denoiser first).
+        family: the pipeline's family (names the denoiser and the trainable text encoders).
+        train_text_encoder: whether the text encoders get the adapter too.
         adapter: the adapter to add.
+
+    Returns:
+        the component names, the denoiser first.
     """
     index = DiffusionPipeline.load_config(model_path, revision=revision)
+
+    def present(name: str) -> bool:
+        return bool(index.get(name)) and index[name][0] is not None
+
+    if not present(family.denoiser):
+        raise TrainingError(f"--pretrained_model_name_or_path {model_path} has no {family.denoiser} component.")
+    encoders = [name for name in family.trainable_text_encoders if present(name)] if train_text_encoder else []
+    components = [family.denoiser, *encoders]
     for name in components:
-        entry = index.get(name)
-        if not entry or entry[0] is None:
-            raise TrainingError(f"--pretrained_model_name_or_path {model_path} has no {name} component.")
-        model = _component_on_meta(model_path, revision, name, entry)
+        model = _component_on_meta(model_path, revision, name, index[name])
         layers = dict(model.named_modules())
         for target in adapter.targets(name, model):
             matched = {n: m for n, m in layers.items() if n == target or n.endswith("." + target)}
@@ -103,12 +114,7 @@ def check_adapter_targets(model_path: str, revision: str | None, components: Seq
                 if adapter.settings.rank > min(dims):
                     raise TrainingError(f"--rank {adapter.settings.rank} exceeds min(in, out) = {min(dims)} of "
                                         f"{name}.{layer_name}; choose a rank of at most {min(dims)}.")
-
-
-def present_components(model_path: str, revision: str | None, names: Sequence[str]) -> list[str]:
-    """The ``names`` the pipeline's ``model_index.json`` lists with a model (e.g. SDXL has no ``text_encoder_3``)."""
-    index = DiffusionPipeline.load_config(model_path, revision=revision)
-    return [name for name in names if index.get(name) and index[name][0] is not None]
+    return components
 
 
 @torch.no_grad()
