@@ -175,6 +175,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
          help="StelLA: random orthonormal U, V (the paper's default), the top / bottom singular vectors of W, or "
               "zero (orthonormal U, V with S = 0: the model starts as the base).")
     switch("--stella_diag_s", help="StelLA: a diagonal S (r values) instead of a full r x r matrix.")
+    switch("--stella_function_preserving",
+           help="StelLA: subtract the start U0 S0 V0^T (kept as frozen buffers), so training starts from the base "
+                "model's outputs; the export is then a LoRA of rank up to 2r.")
     flag("--stella_grad_scaling", type=config.bool_or_float, default=True,
          help="StelLA: divide U/V steps by sqrt(n / c); true: c = hidden size, a number: c, false: off.")
     # loss
@@ -222,6 +225,9 @@ def parse_args(input_args: list[str] | None = None) -> argparse.Namespace:
          help="adamw, adamw8bit (bitsandbytes), prodigy (prodigyopt; use --learning_rate 1.0), adafactor "
               "(transformers', fixed learning rate) or sgd; StelLA makes any of them Riemannian.")
     switch("--use_8bit_adam", help="Alias of --optimizer adamw8bit.")
+    switch("--lora_riemannian_preconditioner",
+           help="LoRA / DoRA / PiSSA: build the optimizer with peft's create_riemannian_optimizer (r x r "
+                "Riemannian-preconditioned LoRA gradients, Zhang & Pilanci 2024); --optimizer adamw or sgd.")
     flag("--text_encoder_lr", type=float, default=None,
          help="Learning rate of the text-encoder adapters (default: --learning_rate).")
     switch("--use_ema", help="Keep an EMA of the adapter (U and V retracted onto the manifold) and export it.")
@@ -404,8 +410,7 @@ def main(args: argparse.Namespace) -> None:
         args.learning_rate *= factor
         args.text_encoder_lr = args.text_encoder_lr and args.text_encoder_lr * factor
     # --optimizer over one group per component and kind: U and V without weight decay, text encoders at their lr
-    optimizer = optimizers.build_optimizer(
-        optimizers.parameter_groups(components, family.denoiser, args.adam_weight_decay, args.text_encoder_lr), args)
+    optimizer = optimizers.build_optimizer(components, family.denoiser, args)
     riemannian = None
     if args.adapter == "stella":
         # The StelLA step: before each optimizer step the U/V gradients become Riemannian; after it the change

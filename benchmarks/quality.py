@@ -1,28 +1,42 @@
-"""Fine-tuning quality on the embedded base: StelLA vs LoRA vs DoRA, same rank, steps and learning-rate sweep.
+"""Fine-tuning quality on the embedded base: StelLA against every peft neighbour, paired by seed, two recipes.
 
 Two tasks on what the tiny base (stella_diffusion/shapes/assets/tiny-shapes-t2i) never saw, with the data of
-data/tiny-demo: ``concept`` (the star shape, captioned with the identifier ``sks``) and ``style`` (the
-outlined style). Every run is ``train_dreambooth_stella.py --config configs/tiny-demo.yaml`` with the task's
-folders, the adapter, a learning rate and a seed; its post-training evaluation draws images on the reference
-captions and scores them with the shapes classifier: FID / KID on its features against the held-out
-reference set, and the share of images showing the prompted shape, colour, style (``all``: every attribute).
+data/tiny-demo: ``concept`` (the star shape under the identifier ``sks``) and ``style`` (the outlined style).
+Every run is ``train_dreambooth_stella.py --config configs/tiny-demo.yaml`` with a task's folders, an arm (an
+adapter and its flags), a recipe, a learning rate and a seed. Its post-training evaluation draws
+``--num_eval_images`` images on the reference captions and scores them with the shapes classifier (FID on its
+features against the 256 held-out reference images, and the share of images showing every prompted attribute),
+then draws the 16 base-domain prompts of data/tiny-demo/drift-prompts.txt with the adapter off and on: the drift
+(1 − cosine similarity of the pairs' features) says how much the fine-tune changed what the base already drew.
 
-Protocol: each learning rate of ``--learning_rates`` is tried with the first seed; the one with the lowest
-FID is then run with the other seeds; the table gives mean ± std over the seeds at that learning rate, for
-every adapter alike. The base model is scored once per task on the same prompts.
+Recipes (``--settings``): ``constant`` (the demo's: constant rate, rank 8, α 8) and ``paper`` (the paper's
+text-to-image recipe: cosine schedule, rank 4, α 4); both batch 8, weight decay 0.01, ``--max_train_steps``.
 
-    python benchmarks/quality.py [--jobs 2] [--max_train_steps 400] [--output_dir benchmarks/results]
+Protocol, per recipe:
+1. Sweep: each arm runs every rate of ``--learning_rates`` on every task, pairing tasks and ``--sweep_seeds`` in
+   turn (two tasks, seeds 0 1: concept with seed 0, style with seed 1), so each rate is judged on at least two
+   seeds and every task. The rate with the lowest geometric-mean FID over those runs is the arm's rate.
+2. Final: each arm at its rate on every task and every seed of ``--seeds`` (sweep runs at that rate are reused).
+   The seed fixes the data order, noise and timesteps, so runs with the same seed are paired across arms.
+3. Ablations (recipe ``--ablation_setting``): StelLA's variants at StelLA's rate on the same tasks and seeds.
+Statistics: mean ± 95 % t-interval per arm; StelLA minus each other arm, paired by seed, with its 95 % interval,
+a paired t-test and the exact sign-flip permutation test (whose smallest two-sided p with 5 pairs is 1/16).
 
-Runs live under ``--work_dir`` (outputs/quality: adapters and images, not committed); finished ones (their
-eval/report.json exists) are reused, so an interrupted benchmark resumes where it stopped. The results go to
-``--output``: quality.json, quality.md and quality.png.
+    python benchmarks/quality.py [--jobs 2] [--quick]
+
+Runs live under ``--work_dir`` (outputs/quality, not committed); a run whose eval/report.json exists and whose
+command line is unchanged (run.json) is reused, so an interrupted benchmark resumes where it stopped. The
+results go to ``--output_dir``: quality.json, quality.md and quality.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,6 +49,7 @@ from typing import Any
 
 import torch
 from matplotlib.figure import Figure
+from scipy import stats
 
 from stella_diffusion.evaluation.comparison import (
     build_fid_metric,
@@ -43,6 +58,7 @@ from stella_diffusion.evaluation.comparison import (
     read_eval_prompts,
 )
 from stella_diffusion.evaluation.generation import load_pipeline
+from stella_diffusion.files import atomic_path, write_text_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "train_dreambooth_stella.py"
@@ -50,188 +66,402 @@ CONFIG = REPO / "configs" / "tiny-demo.yaml"
 DATA = REPO / "data" / "tiny-demo"
 BASE = REPO / "stella_diffusion" / "shapes" / "assets" / "tiny-shapes-t2i"
 TASKS = ("concept", "style")
-ADAPTERS = ("stella", "lora", "dora")
-REPORTED_ACCURACY = {"concept": ("shape", "colour", "all"), "style": ("style", "shape", "colour", "all")}
+# the attributes reported per task besides `all` (every prompted attribute right)
+TASK_ATTRIBUTE = {"concept": "shape", "style": "style"}
+SETTINGS: dict[str, tuple[str, list[str]]] = {
+    "constant": ("the demo's recipe: constant rate, rank 8, α 8, weight decay 0.01, batch 8",
+                 ["--lr_scheduler", "constant", "--rank", "8", "--lora_alpha", "8", "--adam_weight_decay", "0.01"]),
+    "paper": ("the paper's text-to-image recipe: cosine schedule, rank 4, α 4, weight decay 0.01, batch 8",
+              ["--lr_scheduler", "cosine", "--rank", "4", "--lora_alpha", "4", "--adam_weight_decay", "0.01"]),
+}
+ARMS: dict[str, list[str]] = {
+    "stella": ["--adapter", "stella"],
+    "lora": ["--adapter", "lora"],
+    "dora": ["--adapter", "dora"],
+    "pissa": ["--adapter", "pissa"],
+    "lora-riemannian": ["--adapter", "lora", "--lora_riemannian_preconditioner"],
+}
+# StelLA's variants (the paper's Tables 5-6); the default is polar, full S, gradient scaling, random orthonormal U, V
+ABLATIONS: dict[str, list[str]] = {
+    "stella-qr": ["--adapter", "stella", "--stella_retraction", "qr"],
+    "stella-exp": ["--adapter", "stella", "--stella_retraction", "exp"],
+    "stella-diag-s": ["--adapter", "stella", "--stella_diag_s"],
+    "stella-no-grad-scaling": ["--adapter", "stella", "--stella_grad_scaling", "false"],
+    "stella-function-preserving": ["--adapter", "stella", "--stella_function_preserving"],
+    "stella-zero-init": ["--adapter", "stella", "--stella_init", "zero"],
+}
+METRICS = ("fid", "all", "task_attribute", "drift")  # lower, higher, higher, lower is better
+QUICK = ["--settings", "paper", "--tasks", "concept", "--arms", "stella", "lora", "--ablations", "stella-zero-init",
+         "--learning_rates", "1e-3", "2e-3", "--max_grid_extensions", "1", "--sweep_seeds", "0", "1",
+         "--seeds", "0", "1", "2", "--ablation_seeds", "0", "1",
+         "--max_train_steps", "2", "--num_eval_images", "4"]
 
 
 @dataclass(frozen=True)
 class Run:
     """One fine-tune of the benchmark."""
 
+    setting: str
     task: str
-    adapter: str
+    arm: str
     learning_rate: float
     seed: int
 
     @property
     def name(self) -> str:
-        return f"{self.task}-{self.adapter}-lr{self.learning_rate:g}-seed{self.seed}"
+        return f"{self.setting}/{self.task}/{self.arm}/lr{self.learning_rate:g}-seed{self.seed}"
 
 
-def task_flags(task: str) -> list[str]:
-    """The data of a task: training folder, reference folder and its captions as evaluation prompts."""
-    reference = DATA / f"{task}-reference"
-    return ["--instance_data_dir", str(DATA / f"{task}-train"), "--eval_reference_dir", str(reference),
-            "--eval_prompts", str(reference / "metadata.jsonl")]
+def run_argv(run: Run, args: argparse.Namespace, output_dir: Path) -> list[str]:
+    """The training script's command line for ``run``: the demo config, the task's data, recipe, arm and seed."""
+    reference = DATA / f"{run.task}-reference"
+    arm_flags = {**ARMS, **ABLATIONS}[run.arm]
+    return [sys.executable, str(SCRIPT), "--config", str(CONFIG),
+            "--instance_data_dir", str(DATA / f"{run.task}-train"), "--eval_reference_dir", str(reference),
+            "--eval_prompts", str(reference / "metadata.jsonl"), "--eval_drift_prompts", str(args.drift_prompts),
+            *SETTINGS[run.setting][1], *arm_flags, "--output_dir", str(output_dir),
+            "--learning_rate", str(run.learning_rate), "--seed", str(run.seed), "--lr_warmup_steps", "0",
+            "--max_train_steps", str(args.max_train_steps), "--num_eval_images", str(args.num_eval_images),
+            "--num_inference_steps", str(args.num_inference_steps), "--sample_batch_size", "64",
+            "--cache_latents", "--pre_compute_text_embeddings",
+            "--no-eval_base", "--validation_prompt", "",  # the base is scored once per task; no validation images
+            "--checkpointing_steps", str(10**9), "--report_to", "none"]
 
 
-def train_and_score(run: Run, args: argparse.Namespace) -> dict[str, Any]:
-    """Fine-tune and evaluate one run in a subprocess (one torch thread); reuse a finished one."""
+def train_and_score(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Fine-tune and evaluate one run in a subprocess with one torch thread; reuse a finished, unchanged one.
+
+    A run the script stops (diverged, non-finite) is recorded as failed, with the script's error line. With
+    ``--report_only`` a run not finished yet is not started: ``None``.
+    """
     out = Path(args.work_dir, "runs", run.name)
-    report = out / "eval" / "report.json"
-    if not report.is_file():
-        argv = [sys.executable, str(SCRIPT), "--config", str(CONFIG), *task_flags(run.task),
-                "--output_dir", str(out), "--adapter", run.adapter, "--rank", str(args.rank),
-                "--lora_alpha", str(args.rank), "--learning_rate", str(run.learning_rate), "--seed", str(run.seed),
-                "--max_train_steps", str(args.max_train_steps), "--num_eval_images", str(args.num_eval_images),
-                "--no-eval_base", "--validation_prompt", "",  # no validation images
-                "--checkpointing_steps", str(10**9), "--report_to", "none"]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    argv = run_argv(run, args, out)
+    report, spec = out / "eval" / "report.json", out / "run.json"
+    saved = json.loads(spec.read_text()) if spec.is_file() else {}
+    if saved.get("argv") != argv[1:] or not (report.is_file() or "error" in saved):
+        if args.report_only:
+            return None
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         start = time.perf_counter()
         proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
+        saved = {"argv": argv[1:], "wall_seconds": round(time.perf_counter() - start, 1)}
         if proc.returncode != 0:
-            raise RuntimeError(f"{run.name} failed:\n{proc.stderr[-3000:]}")
-        (out / "wall_seconds.txt").write_text(f"{time.perf_counter() - start:.1f}\n")
+            lines = [line for line in proc.stderr.splitlines() if line.strip()]
+            saved["error"] = lines[-1] if lines else f"exit status {proc.returncode}"
+        write_text_atomic(spec, json.dumps(saved, indent=1) + "\n")
+    record = {**asdict(run), "wall_seconds": saved["wall_seconds"]}
+    if "error" in saved:
+        print(f"{run.name}: FAILED ({saved['error']})", flush=True)
+        return {**record, "error": saved["error"]}
     (result,) = json.loads(report.read_text())["runs"]
-    seconds = out / "wall_seconds.txt"
-    wall = float(seconds.read_text()) if seconds.is_file() else None
-    print(f"{run.name}: FID {result['fid']:.1f}, accuracy {result.get('accuracy')}", flush=True)
-    return {**asdict(run), "fid": result["fid"], "kid_mean": result.get("kid_mean"),
-            "accuracy": result.get("accuracy", {}), "wall_seconds": wall}
+    accuracy = result.get("accuracy", {})
+    record.update(fid=result["fid"], all=accuracy.get("all"), task_attribute=accuracy.get(TASK_ATTRIBUTE[run.task]),
+                  drift=result.get("drift"), drift_fid=result.get("drift_fid"), accuracy=accuracy)
+    print(f"{run.name}: FID {record['fid']:.1f}, all {record['all']}, drift {record['drift']}", flush=True)
+    return record
 
 
 def score_base(task: str, args: argparse.Namespace) -> dict[str, Any]:
-    """The base model on the same prompts and generation settings (seed 0), for reference."""
+    """The base model on the task's prompts with the runs' generation settings (seed 0), for reference."""
     torch.set_num_threads(1)
     reference = DATA / f"{task}-reference"
     prompts = cycle_prompts(read_eval_prompts(reference / "metadata.jsonl"), args.num_eval_images)
     settings = json.loads((BASE / "generation_defaults.json").read_text())
-    kwargs = {k: settings[k] for k in ("height", "width", "num_inference_steps", "guidance_scale")}
+    kwargs = {"height": settings["height"], "width": settings["width"], "guidance_scale": settings["guidance_scale"],
+              "num_inference_steps": args.num_inference_steps}
     result = evaluate_pipeline(load_pipeline(BASE), "base", prompts, Path(args.work_dir, "base", task), reference,
-                               build_fid_metric("domain"), seed=0, batch_size=16, generation_kwargs=kwargs,
+                               build_fid_metric("domain"), seed=0, batch_size=64, generation_kwargs=kwargs,
                                progress=False)
-    return {"task": task, "fid": result["fid"], "kid_mean": result.get("kid_mean"),
-            "accuracy": result.get("accuracy", {})}
+    accuracy = result.get("accuracy", {})
+    return {"task": task, "fid": result["fid"], "all": accuracy.get("all"),
+            "task_attribute": accuracy.get(TASK_ATTRIBUTE[task]), "drift": 0.0}
 
 
-def best_learning_rates(records: Sequence[dict[str, Any]], seed: int) -> dict[tuple[str, str], float]:
-    """Per (task, adapter): the learning rate with the lowest FID among the sweep runs of ``seed``."""
-    best: dict[tuple[str, str], dict[str, Any]] = {}
+def sweep_runs(setting: str, arm: str, rates: Sequence[float], args: argparse.Namespace) -> list[Run]:
+    """Each of ``rates`` on every task, tasks and sweep seeds paired in turn (see the module docstring)."""
+    count = max(len(args.tasks), len(args.sweep_seeds))
+    pairs = [(args.tasks[k % len(args.tasks)], args.sweep_seeds[k % len(args.sweep_seeds)]) for k in range(count)]
+    return [Run(setting, task, arm, lr, seed) for lr in rates for task, seed in pairs]
+
+
+def next_rate(scores: dict[float, float], max_extensions: int, extended: int) -> float | None:
+    """A rate beyond the grid when the best one sits at its edge (×2 above, ÷2 below), else ``None``."""
+    if extended >= max_extensions:
+        return None
+    best = min(scores, key=lambda lr: (scores[lr], lr))
+    if best == max(scores) and math.isfinite(scores[best]):
+        return best * 2
+    if best == min(scores) and len(scores) > 1:
+        return best / 2
+    return None
+
+
+def choose_rate(records: Sequence[dict[str, Any]]) -> tuple[float, dict[float, float]]:
+    """The rate with the lowest geometric-mean FID over its sweep runs (a failed run counts as infinite FID).
+
+    Returns:
+        the chosen rate and the geometric-mean FID of every rate.
+    """
+    by_rate: dict[float, list[float]] = {}
     for record in records:
-        key = (record["task"], record["adapter"])
-        if record["seed"] == seed and (key not in best or record["fid"] < best[key]["fid"]):
-            best[key] = record
-    return {key: record["learning_rate"] for key, record in best.items()}
+        by_rate.setdefault(record["learning_rate"], []).append(record.get("fid", math.inf))
+    scores = {lr: math.exp(statistics.fmean(math.log(f) for f in fids)) if math.isfinite(max(fids)) else math.inf
+              for lr, fids in by_rate.items()}
+    return min(scores, key=lambda lr: (scores[lr], lr)), scores
 
 
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def mean_interval(values: Sequence[float]) -> dict[str, Any]:
+    """Mean and the half-width of its 95 % t-interval (``None`` with fewer than two values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return {"mean": mean, "ci95": None, "n": len(values)}
+    half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+    return {"mean": mean, "ci95": float(half), "n": len(values)}
 
 
-def summarise(records: Sequence[dict[str, Any]], best: dict[tuple[str, str], float]) -> list[dict[str, Any]]:
-    """Mean ± std over seeds at each (task, adapter)'s chosen learning rate."""
-    rows = []
-    for (task, adapter), lr in best.items():
-        chosen = [r for r in records if (r["task"], r["adapter"], r["learning_rate"]) == (task, adapter, lr)]
-        row = {"task": task, "adapter": adapter, "learning_rate": lr, "seeds": sorted(r["seed"] for r in chosen),
-               "fid": _mean_std([r["fid"] for r in chosen])}
-        for attribute in REPORTED_ACCURACY[task]:
-            row[attribute] = _mean_std([r["accuracy"][attribute] for r in chosen])
+def sign_flip_p(differences: Sequence[float]) -> float:
+    """Exact two-sided sign-flip permutation p-value of the mean of paired differences."""
+    observed = abs(statistics.fmean(differences))
+    flips = list(itertools.product((1, -1), repeat=len(differences)))
+    extreme = sum(abs(statistics.fmean(s * d for s, d in zip(signs, differences, strict=True))) >= observed - 1e-12
+                  for signs in flips)
+    return extreme / len(flips)
+
+
+def paired_difference(a: dict[int, float], b: dict[int, float]) -> dict[str, Any] | None:
+    """``a − b`` over the seeds both have: mean, 95 % t-interval, paired t-test and sign-flip p-values."""
+    seeds = sorted(set(a) & set(b))
+    if len(seeds) < 2:
+        return None
+    differences = [a[s] - b[s] for s in seeds]
+    result = {**mean_interval(differences), "seeds": seeds, "sign_flip_p": sign_flip_p(differences)}
+    if statistics.pstdev(differences) == 0:
+        return {**result, "t_test_p": 1.0 if differences[0] == 0 else 0.0}
+    return {**result, "t_test_p": float(stats.ttest_1samp(differences, 0.0).pvalue)}
+
+
+def summarise(records: Sequence[dict[str, Any]], chosen: dict[tuple[str, str], float],
+              args: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per (recipe, task, arm) at the arm's rate: each metric's mean ± 95 % interval over the final seeds; and
+    StelLA minus every other arm, paired by seed, per metric.
+
+    Returns:
+        the summary rows and the paired comparisons.
+    """
+    finals: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for record in records:
+        key = (record["setting"], record["task"], record["arm"])
+        rate = chosen.get((record["setting"], record["arm"]))
+        if rate == record["learning_rate"] and record["seed"] in args.seeds:
+            finals.setdefault(key, {})[record["seed"]] = record
+    rows, comparisons = [], []
+    for (setting, task, arm), by_seed in finals.items():
+        done = {seed: r for seed, r in by_seed.items() if "error" not in r}
+        row = {"setting": setting, "task": task, "arm": arm, "learning_rate": chosen[setting, arm],
+               "seeds": sorted(done), "failed_seeds": sorted(set(by_seed) - set(done))}
+        for metric in METRICS:
+            values = [r[metric] for r in done.values() if r.get(metric) is not None]
+            row[metric] = mean_interval(values) if values else None
         rows.append(row)
-    return rows
+        stella = finals.get((setting, task, "stella"))
+        if arm != "stella" and stella:
+            comparison = {"setting": setting, "task": task, "arm": arm}
+            for metric in METRICS:
+                comparison[metric] = paired_difference(
+                    {s: r[metric] for s, r in stella.items() if r.get(metric) is not None},
+                    {s: r[metric] for s, r in by_seed.items() if r.get(metric) is not None})
+            comparisons.append(comparison)
+    return rows, comparisons
 
 
-def markdown(rows: Sequence[dict[str, Any]], records: Sequence[dict[str, Any]], bases: dict[str, dict[str, Any]],
-             settings: dict[str, Any]) -> str:
-    """The result tables: mean ± std per task at the chosen rates, then the sweep (FID at the first seed)."""
+def _cell(value: dict[str, Any] | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    half = "" if value["ci95"] is None else f" ± {value['ci95']:.{digits}f}"
+    return f"{value['mean']:.{digits}f}{half}"
+
+
+def _difference_cell(value: dict[str, Any] | None, digits: int) -> str:
+    if value is None:
+        return "–"
+    star = " *" if value["t_test_p"] < 0.05 else ""
+    return (f"{value['mean']:+.{digits}f} ± {value['ci95']:.{digits}f} (p {value['t_test_p']:.3f}, "
+            f"sign-flip {value['sign_flip_p']:.3f}){star}")
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The report: per recipe and task, each arm's metrics and StelLA's paired differences; then the sweep."""
+    settings = result["settings"]
     lines = ["# Fine-tuning quality on the embedded base", "",
-             f"{settings['max_train_steps']} steps, batch 8, rank {settings['rank']}, "
-             f"{settings['num_eval_images']} evaluation images per run, seeds {settings['seeds']}; "
-             "FID / accuracy from the shapes classifier. Mean ± std over seeds at each adapter's best "
-             "learning rate (lowest FID at the first seed).", ""]
-    for task in dict.fromkeys(row["task"] for row in rows):
-        attributes = REPORTED_ACCURACY[task]
-        lines += [f"## {task}", "", "| adapter | lr | FID ↓ |" + "".join(f" {a} ↑ |" for a in attributes),
-                  "|---|---:|---:|" + "---:|" * len(attributes)]
-        base = bases.get(task)
-        if base:
-            cells = "".join(f" {base['accuracy'].get(a, float('nan')):.2f} |" for a in attributes)
-            lines.append(f"| base (no fine-tune) | – | {base['fid']:.1f} |{cells}")
-        for row in (r for r in rows if r["task"] == task):
-            cells = "".join(f" {row[a][0]:.2f} ± {row[a][1]:.2f} |" for a in attributes)
-            fid_mean, fid_std = row["fid"]
-            lines.append(f"| {row['adapter']} | {row['learning_rate']:g} | {fid_mean:.1f} ± {fid_std:.1f} |{cells}")
-        lines.append("")
-    lrs = sorted({r["learning_rate"] for r in records})
-    first = settings["seeds"][0]
-    lines += [f"## Learning-rate sweep (FID, seed {first})", "",
-              "| task | adapter |" + "".join(f" lr {lr:g} |" for lr in lrs), "|---|---|" + "---:|" * len(lrs)]
-    for task, adapter in dict.fromkeys((r["task"], r["adapter"]) for r in records):
-        fids = {r["learning_rate"]: r["fid"] for r in records
-                if (r["task"], r["adapter"], r["seed"]) == (task, adapter, first)}
-        lines.append(f"| {task} | {adapter} |" + "".join(f" {fids[lr]:.1f} |" if lr in fids else " – |" for lr in lrs))
-    return "\n".join(lines) + "\n"
+             f"{settings['max_train_steps']} steps, {settings['num_eval_images']} generated images a run "
+             f"({settings['num_inference_steps']} DDIM steps, guidance 2), final seeds {settings['seeds']}, rates "
+             f"chosen on the sweep (seeds {settings['sweep_seeds']}, grid {settings['learning_rates']}). FID and "
+             "attribute accuracy from the shapes classifier against 256 held-out reference images; drift: 1 − "
+             "cosine similarity of base / adapted features on 16 base-domain prompts (same seeds). Mean ± 95 % "
+             "t-interval over seeds; differences are StelLA minus the arm, paired by seed, with the paired t-test "
+             "p (* below 0.05) and the exact sign-flip p.", ""]
+    if result["pending"]:
+        lines += [f"**Incomplete:** {len(result['pending'])} runs not finished yet (and the final runs of arms whose "
+                  "sweep is not finished); rerun without --report_only to complete them.", ""]
+    headers = {"fid": ("FID ↓", 1), "all": ("all attributes ↑", 2), "task_attribute": ("task attribute ↑", 2),
+               "drift": ("drift ↓", 3)}
+    for setting in dict.fromkeys(r["setting"] for r in result["summary"]):
+        lines += [f"## Recipe `{setting}`: {SETTINGS[setting][0]}", ""]
+        for task in dict.fromkeys(r["task"] for r in result["summary"] if r["setting"] == setting):
+            base = result["base"].get(task)
+            lines += [f"### {task} (task attribute: {TASK_ATTRIBUTE[task]})", "",
+                      "| arm | lr | seeds |" + "".join(f" {h} |" for h, _ in headers.values()),
+                      "|---|---:|---:|" + "---:|" * len(headers)]
+            if base:
+                lines.append("| base (no fine-tune) | – | – |" + "".join(
+                    f" {base[m]:.{d}f} |" if base.get(m) is not None else " – |" for m, (_, d) in headers.items()))
+            for row in (r for r in result["summary"] if (r["setting"], r["task"]) == (setting, task)):
+                failed = f" ({len(row['failed_seeds'])} failed)" if row["failed_seeds"] else ""
+                lines.append(f"| {row['arm']} | {row['learning_rate']:g} | {len(row['seeds'])}{failed} |"
+                             + "".join(f" {_cell(row[m], d)} |" for m, (_, d) in headers.items()))
+            lines += ["", "StelLA minus each arm (paired by seed):", "",
+                      "| arm |" + "".join(f" Δ {h} |" for h, _ in headers.values()), "|---|" + "---:|" * len(headers)]
+            for comparison in (c for c in result["comparisons"] if (c["setting"], c["task"]) == (setting, task)):
+                lines.append(f"| {comparison['arm']} |"
+                             + "".join(f" {_difference_cell(comparison[m], d)} |" for m, (_, d) in headers.items()))
+            lines.append("")
+    rates = sorted({float(lr) for entry in result["sweep"] for lr in entry["scores"]})
+    lines += ["## Learning-rate sweep (geometric-mean FID over the sweep runs; chosen rate in bold)", "",
+              f"Grid {settings['learning_rates']}, extended ×2 / ÷2 while the best rate sat at its edge (at most "
+              f"{settings['max_grid_extensions']} times).", "",
+              "| recipe | arm |" + "".join(f" lr {lr:g} |" for lr in rates), "|---|---|" + "---:|" * len(rates)]
+    for entry in result["sweep"]:
+        scores = {float(lr): score for lr, score in entry["scores"].items()}
+        cells = "".join(" – |" if lr not in scores else
+                        (" **{:.1f}** |" if lr == entry["chosen"] else " {:.1f} |").format(scores[lr]) for lr in rates)
+        edge = " (still at the edge)" if entry["chosen"] in (min(scores), max(scores)) else ""
+        lines.append(f"| {entry['setting']} | {entry['arm']}{edge} |{cells}")
+    timing = result["timing"]
+    lines += ["", f"{timing['runs']} runs, {timing['run_hours']:.2f} h of run time on {timing['jobs']} jobs "
+              f"(one torch thread each): {timing['wall_hours']:.2f} h wall clock for the runs trained in this call.",
+              ""]
+    return "\n".join(lines)
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    """FID and ``all``-attribute accuracy, mean ± std, one group of bars per task."""
-    tasks = list(dict.fromkeys(row["task"] for row in rows))
-    adapters = list(dict.fromkeys(row["adapter"] for row in rows))
-    fig = Figure(figsize=(9, 3.6))
-    axes = fig.subplots(1, 2)
-    width = 0.8 / len(adapters)
-    for k, adapter in enumerate(adapters):
-        for ax, metric in zip(axes, ("fid", "all"), strict=True):
-            xs, means, stds = [], [], []
-            for t, task in enumerate(tasks):
-                row = next((r for r in rows if (r["task"], r["adapter"]) == (task, adapter)), None)
-                if row is not None:
-                    xs.append(t + (k - (len(adapters) - 1) / 2) * width)
-                    means.append(row[metric][0])
-                    stds.append(row[metric][1])
-            ax.bar(xs, means, width, yerr=stds, capsize=3, label=adapter)
-    for ax, title in zip(axes, ("FID (shapes classifier) ↓", "prompted attributes all right ↑"), strict=True):
-        ax.set_xticks(range(len(tasks)), tasks)
-        ax.set_title(title)
-    axes[0].legend()
+def plot(result: dict[str, Any], path: Path) -> None:
+    """FID and drift, mean ± 95 % interval, one panel per recipe and task (ablations after the arms)."""
+    panels = list(dict.fromkeys((r["setting"], r["task"]) for r in result["summary"]))
+    fig = Figure(figsize=(4.2 * max(len(panels), 1), 6.4))
+    if not panels:
+        fig.text(0.5, 0.5, "no arm finished yet", ha="center")
+    axes = fig.subplots(2, len(panels), squeeze=False) if panels else []
+    for col, (setting, task) in enumerate(panels):
+        rows = [r for r in result["summary"] if (r["setting"], r["task"]) == (setting, task)]
+        for ax, metric in zip(axes[:, col], ("fid", "drift"), strict=True):
+            rows_with = [r for r in rows if r[metric] is not None]
+            means = [r[metric]["mean"] for r in rows_with]
+            errors = [r[metric]["ci95"] or 0.0 for r in rows_with]
+            colours = ["tab:red" if r["arm"] == "stella" else "tab:orange" if r["arm"] in ABLATIONS else "tab:blue"
+                       for r in rows_with]
+            ax.bar(range(len(rows_with)), means, yerr=errors, capsize=3, color=colours)
+            ax.set_xticks(range(len(rows_with)), [r["arm"] for r in rows_with], rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{setting} / {task}: {'FID ↓' if metric == 'fid' else 'drift ↓'}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110, format="png")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a minutes-long run of the whole protocol: {' '.join(QUICK)} (later flags still win)")
+    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=["paper", "constant"])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--adapters", nargs="+", choices=ADAPTERS, default=list(ADAPTERS))
-    parser.add_argument("--learning_rates", nargs="+", type=float, default=[5e-4, 1e-3, 2e-3, 4e-3, 8e-3])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    parser.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=list(ABLATIONS))
+    parser.add_argument("--ablation_setting", choices=list(SETTINGS), default="paper")
+    parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3])
+    parser.add_argument("--max_grid_extensions", type=int, default=2,
+                        help="when an arm's best rate is the grid's largest (smallest), also try twice (half) it, "
+                             "up to this many times")
+    parser.add_argument("--sweep_seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="the final comparison's")
+    parser.add_argument("--ablation_seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max_train_steps", type=int, default=400)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--num_eval_images", type=int, default=64)
+    parser.add_argument("--num_eval_images", type=int, default=256)
+    parser.add_argument("--num_inference_steps", type=int, default=10)
+    parser.add_argument("--drift_prompts", default=str(DATA / "drift-prompts.txt"))
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (one torch thread each)")
     parser.add_argument("--work_dir", default="outputs/quality", help="the runs' adapters and images")
     parser.add_argument("--output_dir", default="benchmarks/results", help="where quality.{json,md,png} go")
-    return parser.parse_args(argv)
+    parser.add_argument("--report_only", action="store_true",
+                        help="train nothing: write the results of the finished runs and list the pending ones")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    return parser.parse_args(QUICK + argv) if args.quick else args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     output = Path(args.output_dir)
     output.mkdir(parents=True, exist_ok=True)
-    sweep = [Run(t, a, lr, args.seeds[0]) for t in args.tasks for a in args.adapters for lr in args.learning_rates]
+    start = time.perf_counter()
+    done: dict[Run, dict[str, Any]] = {}
+    chosen: dict[tuple[str, str], float] = {}
+    sweep = []
+    pending: list[Run] = []
     with ThreadPoolExecutor(args.jobs) as pool:
-        records = list(pool.map(lambda run: train_and_score(run, args), sweep))
-        best = best_learning_rates(records, args.seeds[0])
-        repeats = [Run(t, a, best[t, a], seed) for t, a in best for seed in args.seeds[1:]]
-        records += list(pool.map(lambda run: train_and_score(run, args), repeats))
+        def run_all(runs: list[Run]) -> dict[Run, dict[str, Any]] | None:
+            """Train what is missing; ``None`` when some run is still pending (``--report_only``)."""
+            missing = [run for run in dict.fromkeys(runs) if run not in done]
+            for run, record in zip(missing, pool.map(lambda run: train_and_score(run, args), missing), strict=True):
+                if record is None:
+                    pending.append(run)
+                else:
+                    done[run] = record
+            return None if any(run not in done for run in runs) else {run: done[run] for run in runs}
+
+        for setting in args.settings:  # in order: the first recipe is finished (sweep, final, ablations) first
+            for arm in args.arms:
+                rates, swept = list(args.learning_rates), run_all(sweep_runs(setting, arm, args.learning_rates, args))
+                while swept is not None:
+                    chosen[setting, arm], scores = choose_rate(list(swept.values()))
+                    extra = next_rate(scores, args.max_grid_extensions, len(rates) - len(args.learning_rates))
+                    if extra is None:
+                        break
+                    rates.append(extra)
+                    swept = run_all(sweep_runs(setting, arm, rates, args))
+                if swept is None:
+                    chosen.pop((setting, arm), None)
+                    continue
+                sweep.append({"setting": setting, "arm": arm, "chosen": chosen[setting, arm],
+                              "scores": {str(lr): score for lr, score in sorted(scores.items())}})
+            finals = [Run(setting, task, arm, chosen[setting, arm], seed)
+                      for arm in args.arms if (setting, arm) in chosen for task in args.tasks for seed in args.seeds]
+            if setting == args.ablation_setting and (setting, "stella") in chosen:
+                chosen.update({(setting, ablation): chosen[setting, "stella"] for ablation in args.ablations})
+                finals += [Run(setting, task, ablation, chosen[setting, "stella"], seed)
+                           for seed in args.ablation_seeds for ablation in args.ablations for task in args.tasks]
+            run_all(finals)
+    wall = time.perf_counter() - start
     bases = {task: score_base(task, args) for task in args.tasks}
-    rows = summarise(records, best)
-    settings = {k: getattr(args, k) for k in ("max_train_steps", "rank", "num_eval_images", "seeds",
-                                              "learning_rates")}
-    result = {"settings": settings, "summary": rows, "base": bases, "runs": records}
-    (output / "quality.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = markdown(rows, records, bases, settings)
-    (output / "quality.md").write_text(table)
-    plot(rows, output / "quality.png")
+    records = list(done.values())
+    rows, comparisons = summarise(records, chosen, args)
+    result = {
+        "settings": {k: getattr(args, k) for k in ("settings", "tasks", "arms", "ablations", "ablation_setting",
+                                                   "learning_rates", "max_grid_extensions", "sweep_seeds", "seeds",
+                                                   "ablation_seeds",
+                                                   "max_train_steps",
+                                                   "num_eval_images", "num_inference_steps")},
+        "recipes": {name: {"description": SETTINGS[name][0], "flags": SETTINGS[name][1]} for name in args.settings},
+        "arms": {name: {**ARMS, **ABLATIONS}[name] for name in [*args.arms, *args.ablations]},
+        "base": bases, "sweep": sweep, "summary": rows, "comparisons": comparisons,
+        "timing": {"runs": len(records), "run_hours": sum(r["wall_seconds"] for r in records) / 3600,
+                   "jobs": args.jobs, "wall_hours": wall / 3600},
+        "pending": [run.name for run in pending],
+        "runs": records,
+    }
+    write_text_atomic(output / "quality.json", json.dumps(result, indent=1) + "\n")
+    table = markdown(result)
+    write_text_atomic(output / "quality.md", table)
+    with atomic_path(output / "quality.png") as path:
+        plot(result, path)
     print(table)
     print(f"Wrote {output / 'quality.json'}, {output / 'quality.md'}, {output / 'quality.png'}")
     return result

@@ -1,26 +1,32 @@
 """train_dreambooth_stella.py's dataset features (issue 16), offline on CPU with tiny pipelines: latent and text
-caching, aspect-ratio buckets, --dataset_name, caption augmentation, --optimizer, EMA, validation loss."""
+caching, aspect-ratio buckets, --dataset_name, caption augmentation, --optimizer, EMA, validation loss; and the
+quality benchmark's arms (peft's Riemannian-preconditioned LoRA, StelLA's function-preserving start)."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
 from PIL import Image
 from safetensors.torch import load_file
 
-from stella_diffusion.integrations.diffusers import NATIVE_WEIGHT_NAME
+from stella_diffusion.integrations.diffusers import NATIVE_WEIGHT_NAME, inject_adapter
 from stella_diffusion.shapes.domain import INSTANCE_PROMPT
 from stella_diffusion.testing import build_tiny_pipeline, default_generation_kwargs
 from stella_diffusion.training import families
+from stella_diffusion.training.adapters import make_adapter, read_saved_settings
 from stella_diffusion.training.buckets import BucketBatchSampler, bucket_resolutions, nearest_bucket
 from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.data import CaptionSettings, DreamBoothDataset, collate_fn
 from stella_diffusion.training.ema import EMA_WEIGHT_NAME
+from stella_diffusion.training.optimizers import build_optimizer
 from stella_diffusion.training.records import ImageRecord
 
 from ._train_fixtures import (
@@ -280,3 +286,69 @@ def test_caching_benchmark_runs_and_writes_its_json(tmp_path):
                                                                      for c in (False, True)}
     assert all(r["median_step_s"] > 0 and r["peak_mib"] > 0 for r in result["rows"])
     assert set(result["summary"]) == {"stella", "lora"} and "| stella | cached |" in proc.stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The quality benchmark's arms: peft's Riemannian-preconditioned LoRA, StelLA's function-preserving start
+
+
+def test_lora_riemannian_preconditioner_steps_by_the_preconditioned_gradient():
+    """One SGD step of ``--lora_riemannian_preconditioner``: A moves by (BᵀB + 0.01 I)⁻¹ g_A, B by
+    g_B (AAᵀ + 0.01 I)⁻¹ (peft's damping), with the gradients of the old factors."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    inject_adapter(model, LoraConfig(r=3, target_modules=["0"], init_lora_weights="gaussian"))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_()
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    args = SimpleNamespace(lora_riemannian_preconditioner=True, optimizer="sgd", learning_rate=0.1,
+                           adam_weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
+                           text_encoder_lr=None)
+    optimizer = build_optimizer({"unet": model}, "unet", args)
+    model(torch.randn(4, 6)).square().sum().backward()
+    a0, b0, grad_a, grad_b = a.detach().clone(), b.detach().clone(), a.grad.clone(), b.grad.clone()
+    optimizer.step()
+    eye = torch.eye(3)
+    torch.testing.assert_close(a.detach(), a0 - 0.1 * torch.linalg.pinv(b0.T @ b0 + 0.01 * eye) @ grad_a)
+    torch.testing.assert_close(b.detach(), b0 - 0.1 * grad_b @ torch.linalg.pinv(a0 @ a0.T + 0.01 * eye))
+
+
+def test_lora_riemannian_preconditioner_refuses_what_it_cannot_build():
+    script = train_script()
+    for extra, message in [(["--adapter", "stella"], "for the peft baselines"),
+                           (["--adapter", "lora", "--optimizer", "adafactor"], "use --optimizer adamw or sgd"),
+                           (["--adapter", "lora", "--text_encoder_lr", "1e-4"], "without --text_encoder_lr")]:
+        args = script.parse_args(["--config", str(TINY_CONFIG), "--lora_riemannian_preconditioner", *extra])
+        with pytest.raises(TrainingError, match=message):
+            script.config.check_args(args)
+
+
+def test_lora_riemannian_preconditioner_trains_and_exports(sd_pipeline, style_dir, tmp_path):
+    out = tmp_path / "out"
+    records = run(tiny_args(sd_pipeline, style_dir, out, "--adapter", "lora", "--lora_riemannian_preconditioner",
+                            "--max_train_steps", "3", "--learning_rate", "1e-2", "--checkpointing_steps", "100"))
+    assert len(records) == 3 and all(np.isfinite(r["loss"]) for r in records)
+    assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in load_file(
+        out / "pytorch_lora_weights.safetensors").items())
+
+
+def test_function_preserving_start_equals_the_base_and_is_kept_for_resumes(sd_pipeline, style_dir, tmp_path):
+    unet = UNet2DConditionModel.from_pretrained(sd_pipeline / "unet")
+    inputs = (torch.randn(1, 4, 8, 8), 10, torch.randn(1, 7, unet.config.cross_attention_dim))
+    with torch.no_grad():
+        base = unet(*inputs).sample
+        make_adapter(adapter="stella", rank=4, stella_function_preserving=True).add_to("unet", unet)
+        torch.testing.assert_close(unet(*inputs).sample, base, rtol=0, atol=1e-6)
+
+    out = tmp_path / "out"
+    common = ["--stella_function_preserving", "--rank", "4", "--checkpointing_steps", "2"]
+    run(tiny_args(sd_pipeline, style_dir, out, *common, "--max_train_steps", "2"))
+    assert read_saved_settings(out)["stella_function_preserving"] is True
+    ranks = {value.shape[0] for key, value in load_file(out / "pytorch_lora_weights.safetensors").items()
+             if key.endswith("lora_A.weight")}
+    assert ranks == {8}  # ΔW − ΔW₀: the trained factors and the subtracted start, rank 2r
+    script = train_script()
+    with pytest.raises(TrainingError, match="stella_function_preserving"):
+        script.main(script.parse_args(tiny_args(sd_pipeline, style_dir, out, "--rank", "4", "--max_train_steps", "4",
+                                                "--resume_from_checkpoint", "latest")))

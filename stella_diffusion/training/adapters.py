@@ -52,12 +52,14 @@ class AdapterSettings:
     stella_diag_s: bool = False
     stella_retraction: str = "polar"
     stella_grad_scaling: bool | float = True
+    stella_function_preserving: bool = False
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> AdapterSettings:
         targets = tuple(t.strip() for t in args.lora_layers.split(",")) if args.lora_layers else None
         return cls(args.adapter, args.rank, args.lora_alpha, args.lora_dropout, targets, args.train_text_encoder,
-                   args.stella_init, args.stella_diag_s, args.stella_retraction, args.stella_grad_scaling)
+                   args.stella_init, args.stella_diag_s, args.stella_retraction, args.stella_grad_scaling,
+                   args.stella_function_preserving)
 
     @property
     def scale_alpha(self) -> float:
@@ -124,7 +126,9 @@ class StellaAdapter(Adapter):
 
     def resume_settings(self) -> dict[str, Any]:
         return {**super().resume_settings(), "stella_init": self.settings.stella_init,
-                "stella_diag_s": self.settings.stella_diag_s}
+                "stella_diag_s": self.settings.stella_diag_s,
+                # only when set: checkpoints written before the flag existed stay resumable
+                **({"stella_function_preserving": True} if self.settings.stella_function_preserving else {})}
 
     @property
     def description(self) -> str:
@@ -136,7 +140,7 @@ class StellaAdapter(Adapter):
         s = self.settings
         add_stella_adapter(model, r=s.rank, alpha=s.scale_alpha, dropout=s.dropout,
                            target_modules=self.targets(component, model), init_weights=s.stella_init,
-                           diag_s=s.stella_diag_s)
+                           diag_s=s.stella_diag_s, function_preserving=s.stella_function_preserving)
 
     def save(self, directory: str | Path, components: Mapping[str, nn.Module]) -> Path:
         return save_stella_checkpoint(directory, components,

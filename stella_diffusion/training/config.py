@@ -180,6 +180,13 @@ def _check_feature_args(args: argparse.Namespace) -> None:
     package = _OPTIMIZER_PACKAGES.get(args.optimizer)
     if package is not None and importlib.util.find_spec(package) is None:
         raise TrainingError(f"--optimizer {args.optimizer} needs {package}: `pip install {package}`.")
+    if args.lora_riemannian_preconditioner:
+        if args.adapter == "stella":
+            raise TrainingError("--lora_riemannian_preconditioner is for the peft baselines (lora, dora, pissa); "
+                                "StelLA's optimizer is Riemannian already.")
+        if args.optimizer not in ("adamw", "sgd") or args.text_encoder_lr is not None:
+            raise TrainingError("--lora_riemannian_preconditioner builds one AdamW or SGD over all adapters: use "
+                                "--optimizer adamw or sgd, without --text_encoder_lr.")
     if args.pre_compute_text_embeddings and args.train_text_encoder:
         raise TrainingError("--pre_compute_text_embeddings needs frozen text encoders; drop --train_text_encoder.")
     if args.pre_compute_text_embeddings and args.shuffle_caption:

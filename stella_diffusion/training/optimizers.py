@@ -2,7 +2,8 @@
 
 Whichever is chosen, the script then makes it Riemannian with `make_riemannian` (its hooks work on any torch
 optimizer). U and V stay out of weight decay (`stella_parameter_groups`), and text-encoder adapters get
-``--text_encoder_lr`` in groups of their own.
+``--text_encoder_lr`` in groups of their own. The peft baselines can instead take peft's Riemannian-preconditioned
+LoRA optimizer (``--lora_riemannian_preconditioner``), StelLA's nearest neighbour in the comparisons.
 """
 
 from __future__ import annotations
@@ -40,7 +41,30 @@ def parameter_groups(components: Mapping[str, nn.Module], denoiser: str, weight_
     return groups
 
 
-def build_optimizer(groups: list[dict[str, Any]], args: argparse.Namespace) -> torch.optim.Optimizer:
+def build_optimizer(components: Mapping[str, nn.Module], denoiser: str,
+                    args: argparse.Namespace) -> torch.optim.Optimizer:
+    """The ``--optimizer`` over the adapters of ``components`` (`parameter_groups`), with the script's learning
+    rate, betas, epsilon and weight decay; with ``--lora_riemannian_preconditioner``, peft's
+    ``create_riemannian_optimizer`` around it instead (one group: it preconditions every LoRA pair it finds).
+
+    Args:
+        components: pipeline component name → adapted model (unwrapped).
+        denoiser: the denoiser's component name.
+        args: the script's arguments.
+    """
+    if args.lora_riemannian_preconditioner:
+        from peft.optimizers import create_riemannian_optimizer
+
+        kwargs: dict[str, Any] = {"weight_decay": args.adam_weight_decay}
+        if args.optimizer == "adamw":
+            kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+        optimizer_cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.SGD
+        return create_riemannian_optimizer(nn.ModuleDict(dict(components)), optimizer_cls, lr=args.learning_rate,
+                                           **kwargs)
+    return torch_optimizer(parameter_groups(components, denoiser, args.adam_weight_decay, args.text_encoder_lr), args)
+
+
+def torch_optimizer(groups: list[dict[str, Any]], args: argparse.Namespace) -> torch.optim.Optimizer:
     """The ``--optimizer`` over ``groups``, with the script's learning rate, betas, epsilon and weight decay.
 
     Adafactor is transformers' with a fixed learning rate (``relative_step=False, scale_parameter=False``), as
