@@ -78,7 +78,8 @@ ARMS: dict[str, list[str]] = {
     "stella": ["--adapter", "stella"],
     "lora": ["--adapter", "lora"],
     "dora": ["--adapter", "dora"],
-    "pissa": ["--adapter", "pissa"],
+    # peft's PiSSA start takes linear layers only: the demo's targets without the 1x1 convolutions proj_in / proj_out
+    "pissa": ["--adapter", "pissa", "--lora_layers", "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"],
     "lora-riemannian": ["--adapter", "lora", "--lora_riemannian_preconditioner"],
 }
 # StelLA's variants (the paper's Tables 5-6); the default is polar, full S, gradient scaling, random orthonormal U, V
@@ -191,7 +192,9 @@ def next_rate(scores: dict[float, float], max_extensions: int, extended: int) ->
     if extended >= max_extensions:
         return None
     best = min(scores, key=lambda lr: (scores[lr], lr))
-    if best == max(scores) and math.isfinite(scores[best]):
+    if not math.isfinite(scores[best]):  # every rate failed: nothing to follow
+        return None
+    if best == max(scores):
         return best * 2
     if best == min(scores) and len(scores) > 1:
         return best / 2

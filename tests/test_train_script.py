@@ -148,13 +148,16 @@ def _bad_inputs(sd_pipeline, concept_dir, tmp_path):
         "not a pipeline": (concept_dir, ["--pretrained_model_name_or_path", str(not_a_pipeline)],
                            "is not a diffusers pipeline folder"),
         "rank 0": (concept_dir, ["--rank", "0"], "--rank must be a positive integer"),
+        "pissa on a convolution": (concept_dir, ["--adapter", "pissa", "--lora_layers", "to_q,proj_in"],
+                                   r"--adapter pissa cannot adapt convolutions .* 'proj_in' matches unet\..*proj_in "
+                                   r"\(Conv2d\)"),
         "resume with another rank": (concept_dir, ["--resume_from_checkpoint", str(checkpoint)],
                                      r"different adapter configuration: rank 8 \(checkpoint\) vs 4 \(requested\)"),
     }
 
 
 @pytest.mark.parametrize("case", ["missing data folder", "empty data folder", "no image in the folder",
-                                  "not a pipeline", "rank 0", "resume with another rank"])
+                                  "not a pipeline", "rank 0", "pissa on a convolution", "resume with another rank"])
 def test_bad_input_gives_one_clear_error(case, sd_pipeline, concept_dir, tmp_path):
     data, extra, message = _bad_inputs(sd_pipeline, concept_dir, tmp_path)[case]
     argv = tiny_args(sd_pipeline, data, tmp_path / "out", "--instance_prompt", INSTANCE_PROMPT, *extra)

@@ -100,6 +100,7 @@ class Adapter:
         raise NotImplementedError
 
     export_formats: tuple[str, ...] = ("diffusers", "kohya", "bfl")  # the LoRA layouts this kind can be written in
+    adapts_convolutions = True  # whether targets may be convolutions (checked before any weight is loaded)
 
     def choose_export_formats(self, pipeline_cls: type, requested: Sequence[str] | None) -> list[str]:
         """``--export_format``: the requested layouts if this kind and pipeline can be written so, else one error;
@@ -217,6 +218,7 @@ class PissaAdapter(LoraAdapter):
     """
 
     init_lora_weights = "pissa"
+    adapts_convolutions = False  # peft's PiSSA start is an SVD of a linear weight
 
     def __init__(self, settings: AdapterSettings) -> None:
         super().__init__(settings)

@@ -77,7 +77,7 @@ def adapted_components(model_path: str, revision: str | None, family: PipelineFa
     The denoiser must be there; the trainable text encoders are taken where the pipeline has them (SDXL has no
     ``text_encoder_3``). Every target (``--lora_layers`` entry or preset) must match a layer an adapter can take,
     and the rank must fit each matched layer (U and V need ``rank ≤ min(in, out)`` orthonormal columns; LoRA is
-    held to the same bound, so the comparison is like for like).
+    held to the same bound, so the comparison is like for like); PiSSA's start takes linear layers only.
 
     Args:
         model_path: the pipeline folder or hub id.
@@ -111,6 +111,10 @@ def adapted_components(model_path: str, revision: str | None, family: PipelineFa
                     dims = layer_dims(layer, f"{name}.{layer_name}")
                 except (TypeError, ValueError) as err:
                     raise TrainingError(f"--lora_layers: {err}") from None
+                if not adapter.adapts_convolutions and isinstance(layer, nn.modules.conv._ConvNd):
+                    raise TrainingError(f"--adapter {adapter.settings.adapter} cannot adapt convolutions (peft's "
+                                        f"start takes linear layers only), and {target!r} matches {name}."
+                                        f"{layer_name} ({type(layer).__name__}): leave it out of --lora_layers.")
                 if adapter.settings.rank > min(dims):
                     raise TrainingError(f"--rank {adapter.settings.rank} exceeds min(in, out) = {min(dims)} of "
                                         f"{name}.{layer_name}; choose a rank of at most {min(dims)}.")
