@@ -15,18 +15,21 @@ text-to-image recipe: cosine schedule, rank 4, α 4); both batch 8, weight decay
 Protocol, per recipe:
 1. Sweep: each arm runs every rate of ``--learning_rates`` on every task, pairing tasks and ``--sweep_seeds`` in
    turn (two tasks, seeds 0 1: concept with seed 0, style with seed 1), so each rate is judged on at least two
-   seeds and every task. The rate with the lowest geometric-mean FID over those runs is the arm's rate.
+   seeds and every task. The rate with the lowest geometric-mean FID over those runs is the arm's rate; while it
+   is the grid's largest (smallest), twice (half) it is tried too, up to ``--max_grid_extensions`` times.
 2. Final: each arm at its rate on every task and every seed of ``--seeds`` (sweep runs at that rate are reused).
    The seed fixes the data order, noise and timesteps, so runs with the same seed are paired across arms.
-3. Ablations (recipe ``--ablation_setting``): StelLA's variants at StelLA's rate on the same tasks and seeds.
+3. Ablations (recipe ``--ablation_setting``): StelLA's variants at StelLA's rate, every task, ``--ablation_seeds``.
+Recipes run in the order given, each finished before the next starts.
 Statistics: mean ± 95 % t-interval per arm; StelLA minus each other arm, paired by seed, with its 95 % interval,
 a paired t-test and the exact sign-flip permutation test (whose smallest two-sided p with 5 pairs is 1/16).
 
     python benchmarks/quality.py [--jobs 2] [--quick]
 
 Runs live under ``--work_dir`` (outputs/quality, not committed); a run whose eval/report.json exists and whose
-command line is unchanged (run.json) is reused, so an interrupted benchmark resumes where it stopped. The
-results go to ``--output_dir``: quality.json, quality.md and quality.png.
+command line is unchanged (run.json) is reused, so an interrupted benchmark resumes where it stopped;
+``--report_only`` writes the results of the finished runs without training. The results go to ``--output_dir``:
+quality.json, quality.md and quality.png.
 """
 
 from __future__ import annotations
@@ -82,14 +85,15 @@ ARMS: dict[str, list[str]] = {
     "pissa": ["--adapter", "pissa", "--lora_layers", "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"],
     "lora-riemannian": ["--adapter", "lora", "--lora_riemannian_preconditioner"],
 }
-# StelLA's variants (the paper's Tables 5-6); the default is polar, full S, gradient scaling, random orthonormal U, V
+# StelLA's variants (the paper's Tables 5-6), the starts first (they decide the script's default); the default is
+# polar, full S, gradient scaling, random orthonormal U, V with S = I
 ABLATIONS: dict[str, list[str]] = {
+    "stella-zero-init": ["--adapter", "stella", "--stella_init", "zero"],
+    "stella-function-preserving": ["--adapter", "stella", "--stella_function_preserving"],
     "stella-qr": ["--adapter", "stella", "--stella_retraction", "qr"],
     "stella-exp": ["--adapter", "stella", "--stella_retraction", "exp"],
     "stella-diag-s": ["--adapter", "stella", "--stella_diag_s"],
     "stella-no-grad-scaling": ["--adapter", "stella", "--stella_grad_scaling", "false"],
-    "stella-function-preserving": ["--adapter", "stella", "--stella_function_preserving"],
-    "stella-zero-init": ["--adapter", "stella", "--stella_init", "zero"],
 }
 METRICS = ("fid", "all", "task_attribute", "drift")  # lower, higher, higher, lower is better
 QUICK = ["--settings", "paper", "--tasks", "concept", "--arms", "stella", "lora", "--ablations", "stella-zero-init",
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if setting == args.ablation_setting and (setting, "stella") in chosen:
                 chosen.update({(setting, ablation): chosen[setting, "stella"] for ablation in args.ablations})
                 finals += [Run(setting, task, ablation, chosen[setting, "stella"], seed)
-                           for seed in args.ablation_seeds for ablation in args.ablations for task in args.tasks]
+                           for ablation in args.ablations for seed in args.ablation_seeds for task in args.tasks]
             run_all(finals)
     wall = time.perf_counter() - start
     bases = {task: score_base(task, args) for task in args.tasks}
