@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -77,12 +78,14 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "paper": ("the paper's text-to-image recipe: cosine schedule, rank 4, α 4, weight decay 0.01, batch 8",
               ["--lr_scheduler", "cosine", "--rank", "4", "--lora_alpha", "4", "--adam_weight_decay", "0.01"]),
 }
+# peft's PiSSA start takes linear layers only: the demo config's targets without its 1x1 convolutions
+LINEAR_TARGETS = ",".join(target for target in yaml.safe_load(CONFIG.read_text())["lora_layers"].split(",")
+                          if target not in ("proj_in", "proj_out"))
 ARMS: dict[str, list[str]] = {
     "stella": ["--adapter", "stella"],
     "lora": ["--adapter", "lora"],
     "dora": ["--adapter", "dora"],
-    # peft's PiSSA start takes linear layers only: the demo's targets without the 1x1 convolutions proj_in / proj_out
-    "pissa": ["--adapter", "pissa", "--lora_layers", "to_q,to_k,to_v,to_out.0,ff.net.0.proj,ff.net.2"],
+    "pissa": ["--adapter", "pissa", "--lora_layers", LINEAR_TARGETS],
     "lora-riemannian": ["--adapter", "lora", "--lora_riemannian_preconditioner"],
 }
 # StelLA's variants (the paper's Tables 5-6), the starts first (they decide the script's default); the default is
@@ -95,6 +98,7 @@ ABLATIONS: dict[str, list[str]] = {
     "stella-diag-s": ["--adapter", "stella", "--stella_diag_s"],
     "stella-no-grad-scaling": ["--adapter", "stella", "--stella_grad_scaling", "false"],
 }
+ARM_FLAGS = {**ARMS, **ABLATIONS}
 METRICS = ("fid", "all", "task_attribute", "drift")  # lower, higher, higher, lower is better
 QUICK = ["--settings", "paper", "--tasks", "concept", "--arms", "stella", "lora", "--ablations", "stella-zero-init",
          "--learning_rates", "1e-3", "2e-3", "--max_grid_extensions", "1", "--sweep_seeds", "0", "1",
@@ -120,11 +124,10 @@ class Run:
 def run_argv(run: Run, args: argparse.Namespace, output_dir: Path) -> list[str]:
     """The training script's command line for ``run``: the demo config, the task's data, recipe, arm and seed."""
     reference = DATA / f"{run.task}-reference"
-    arm_flags = {**ARMS, **ABLATIONS}[run.arm]
     return [sys.executable, str(SCRIPT), "--config", str(CONFIG),
             "--instance_data_dir", str(DATA / f"{run.task}-train"), "--eval_reference_dir", str(reference),
             "--eval_prompts", str(reference / "metadata.jsonl"), "--eval_drift_prompts", str(args.drift_prompts),
-            *SETTINGS[run.setting][1], *arm_flags, "--output_dir", str(output_dir),
+            *SETTINGS[run.setting][1], *ARM_FLAGS[run.arm], "--output_dir", str(output_dir),
             "--learning_rate", str(run.learning_rate), "--seed", str(run.seed), "--lr_warmup_steps", "0",
             "--max_train_steps", str(args.max_train_steps), "--num_eval_images", str(args.num_eval_images),
             "--num_inference_steps", str(args.num_inference_steps), "--sample_batch_size", "64",
@@ -191,11 +194,10 @@ def sweep_runs(setting: str, arm: str, rates: Sequence[float], args: argparse.Na
     return [Run(setting, task, arm, lr, seed) for lr in rates for task, seed in pairs]
 
 
-def next_rate(scores: dict[float, float], max_extensions: int, extended: int) -> float | None:
-    """A rate beyond the grid when the best one sits at its edge (×2 above, ÷2 below), else ``None``."""
+def next_rate(best: float, scores: dict[float, float], max_extensions: int, extended: int) -> float | None:
+    """A rate beyond the grid when the chosen one, ``best``, sits at its edge (×2 above, ÷2 below), else ``None``."""
     if extended >= max_extensions:
         return None
-    best = min(scores, key=lambda lr: (scores[lr], lr))
     if not math.isfinite(scores[best]):  # every rate failed: nothing to follow
         return None
     if best == max(scores):
@@ -429,7 +431,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 rates, swept = list(args.learning_rates), run_all(sweep_runs(setting, arm, args.learning_rates, args))
                 while swept is not None:
                     chosen[setting, arm], scores = choose_rate(list(swept.values()))
-                    extra = next_rate(scores, args.max_grid_extensions, len(rates) - len(args.learning_rates))
+                    extra = next_rate(chosen[setting, arm], scores, args.max_grid_extensions,
+                                      len(rates) - len(args.learning_rates))
                     if extra is None:
                         break
                     rates.append(extra)
@@ -457,7 +460,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "max_train_steps",
                                                    "num_eval_images", "num_inference_steps")},
         "recipes": {name: {"description": SETTINGS[name][0], "flags": SETTINGS[name][1]} for name in args.settings},
-        "arms": {name: {**ARMS, **ABLATIONS}[name] for name in [*args.arms, *args.ablations]},
+        "arms": {name: ARM_FLAGS[name] for name in [*args.arms, *args.ablations]},
         "base": bases, "sweep": sweep, "summary": rows, "comparisons": comparisons,
         "timing": {"runs": len(records), "run_hours": sum(r["wall_seconds"] for r in records) / 3600,
                    "jobs": args.jobs, "wall_hours": wall / 3600},

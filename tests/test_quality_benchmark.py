@@ -52,10 +52,10 @@ def test_rate_is_the_lowest_geometric_mean_fid_and_a_failed_run_disqualifies_its
     assert scores[1e-3] == pytest.approx(200.0) and scores[2e-3] == pytest.approx(math.sqrt(300.0 * 150.0))
     assert scores[4e-3] == math.inf
     # an edge winner extends the grid (x2 above, /2 below), at most max_extensions times
-    assert quality.next_rate({1e-3: 3.0, 2e-3: 2.0, 4e-3: 1.0}, 2, 0) == 8e-3
-    assert quality.next_rate({1e-3: 1.0, 2e-3: 2.0}, 2, 1) == 5e-4
-    assert quality.next_rate({1e-3: 2.0, 2e-3: 1.0, 4e-3: 3.0}, 2, 0) is None
-    assert quality.next_rate({1e-3: 3.0, 2e-3: 1.0}, 2, 2) is None
+    assert quality.next_rate(4e-3, {1e-3: 3.0, 2e-3: 2.0, 4e-3: 1.0}, 2, 0) == 8e-3
+    assert quality.next_rate(1e-3, {1e-3: 1.0, 2e-3: 2.0}, 2, 1) == 5e-4
+    assert quality.next_rate(2e-3, {1e-3: 2.0, 2e-3: 1.0, 4e-3: 3.0}, 2, 0) is None
+    assert quality.next_rate(2e-3, {1e-3: 3.0, 2e-3: 1.0}, 2, 2) is None
 
 
 def test_intervals_and_paired_tests_match_scipy() -> None:
