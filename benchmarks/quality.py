@@ -348,9 +348,9 @@ def markdown(result: dict[str, Any]) -> str:
         edge = " (still at the edge)" if entry["chosen"] in (min(scores), max(scores)) else ""
         lines.append(f"| {entry['setting']} | {entry['arm']}{edge} |{cells}")
     timing = result["timing"]
-    lines += ["", f"{timing['runs']} runs, {timing['run_hours']:.2f} h of run time on {timing['jobs']} jobs "
-              f"(one torch thread each): {timing['wall_hours']:.2f} h wall clock for the runs trained in this call.",
-              ""]
+    lines += ["", f"{timing['runs']} runs, {timing['run_hours']:.2f} h of run time (one torch thread each), "
+              f"≈ {timing['run_hours'] / timing['jobs']:.2f} h wall clock on {timing['jobs']} jobs; this call took "
+              f"{timing['wall_hours']:.2f} h (finished runs are reused).", ""]
     return "\n".join(lines)
 
 
@@ -456,9 +456,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {
         "settings": {k: getattr(args, k) for k in ("settings", "tasks", "arms", "ablations", "ablation_setting",
                                                    "learning_rates", "max_grid_extensions", "sweep_seeds", "seeds",
-                                                   "ablation_seeds",
-                                                   "max_train_steps",
-                                                   "num_eval_images", "num_inference_steps")},
+                                                   "ablation_seeds", "max_train_steps", "num_eval_images",
+                                                   "num_inference_steps")},
         "recipes": {name: {"description": SETTINGS[name][0], "flags": SETTINGS[name][1]} for name in args.settings},
         "arms": {name: ARM_FLAGS[name] for name in [*args.arms, *args.ablations]},
         "base": bases, "sweep": sweep, "summary": rows, "comparisons": comparisons,
