@@ -124,6 +124,13 @@ def test_evaluate_against_base_scores_the_base_with_the_adapter_off(tmp_path) ->
     assert all(np.array_equal(a, b) for a, b in zip(pixels["base"], alone_pixels, strict=True))
     assert not all(np.array_equal(a, b) for a, b in zip(pixels["lora"], alone_pixels, strict=True))
     assert pipe.get_active_adapters()  # switched back on after scoring the base
+    # the adapter is fused while drawing, unfused after: the unfused pipeline draws the same images
+    assert not any(getattr(module, "merged", False) for module in pipe.unet.modules())
+    unfused = tmp_path / "unfused"
+    generate_images(pipe, [p.text for p in prompts], unfused, seed=5, generation_kwargs=kwargs["generation_kwargs"],
+                    progress=False)
+    unfused_pixels = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted(unfused.glob("*.png"))]
+    assert max(np.abs(a - b).max() for a, b in zip(pixels["lora"], unfused_pixels, strict=True)) <= 1
     assert "| shape ↑ |" in paths["markdown"].read_text() and paths["plot"].stat().st_size > 0
 
 
