@@ -3,7 +3,8 @@
 Two tasks on what the tiny base (stella_diffusion/shapes/assets/tiny-shapes-t2i) never saw, with the data of
 data/tiny-demo: ``concept`` (the star shape under the identifier ``sks``) and ``style`` (the outlined style).
 Every run is ``train_dreambooth_stella.py --config configs/tiny-demo.yaml`` with a task's folders, an arm (an
-adapter and its flags), a recipe, a learning rate and a seed. Its post-training evaluation draws
+adapter and its flags), a recipe, a learning rate and a seed, run in one of ``--jobs`` long-lived worker processes
+(one torch thread each) that import the script once. Its post-training evaluation draws
 ``--num_eval_images`` images on the reference captions and scores them with the shapes classifier (FID on its
 features against the 256 held-out reference images, and the share of images showing every prompted attribute),
 then draws the 16 base-domain prompts of data/tiny-demo/drift-prompts.txt with the adapter off and on: the drift
@@ -35,15 +36,20 @@ quality.json, quality.md and quality.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
+import importlib.util
 import itertools
 import json
 import math
 import os
+import queue
 import shutil
 import statistics
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -52,6 +58,7 @@ from typing import Any
 
 import torch
 import yaml
+from accelerate.state import AcceleratorState, GradientState
 from matplotlib.figure import Figure
 from scipy import stats
 
@@ -122,9 +129,10 @@ class Run:
 
 
 def run_argv(run: Run, args: argparse.Namespace, output_dir: Path) -> list[str]:
-    """The training script's command line for ``run``: the demo config, the task's data, recipe, arm and seed."""
+    """The training script's command line for ``run`` (script, then arguments): the demo config, the task's data,
+    recipe, arm and seed."""
     reference = DATA / f"{run.task}-reference"
-    return [sys.executable, str(SCRIPT), "--config", str(CONFIG),
+    return [str(SCRIPT), "--config", str(CONFIG),
             "--instance_data_dir", str(DATA / f"{run.task}-train"), "--eval_reference_dir", str(reference),
             "--eval_prompts", str(reference / "metadata.jsonl"), "--eval_drift_prompts", str(args.drift_prompts),
             *SETTINGS[run.setting][1], *ARM_FLAGS[run.arm], "--output_dir", str(output_dir),
@@ -136,8 +144,101 @@ def run_argv(run: Run, args: argparse.Namespace, output_dir: Path) -> list[str]:
             "--checkpointing_steps", str(10**9), "--report_to", "none"]
 
 
-def train_and_score(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Fine-tune and evaluate one run in a subprocess with one torch thread; reuse a finished, unchanged one.
+class Workers:
+    """Long-lived training processes, one per job: each imports the training script once and runs one command line
+    after another in-process (one torch thread), which saves the ≈ 12 s interpreter and import start-up per run.
+
+    A worker's output goes to the run's train.log. A worker is replaced after `RUNS_PER_WORKER` runs (nothing a
+    run leaves behind accumulates) and when it dies.
+    """
+
+    RUNS_PER_WORKER = 40
+
+    def __init__(self) -> None:
+        self._idle: queue.SimpleQueue[tuple[subprocess.Popen, int]] = queue.SimpleQueue()
+        self._all: list[subprocess.Popen] = []
+
+    def _start(self) -> subprocess.Popen:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+        worker = subprocess.Popen([sys.executable, __file__, "--serve"], cwd=REPO, env=env, text=True,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        self._all.append(worker)
+        return worker
+
+    def run(self, argv: list[str], log: Path) -> str | None:
+        """Run the training script on ``argv`` (its arguments) in an idle worker; the script's error line or
+        ``None``."""
+        try:
+            worker, runs = self._idle.get_nowait()
+        except queue.Empty:
+            worker, runs = self._start(), 0
+        try:
+            worker.stdin.write(json.dumps({"argv": argv, "log": str(log)}) + "\n")
+            worker.stdin.flush()
+            reply = worker.stdout.readline()
+        except BrokenPipeError:
+            reply = ""
+        if not reply:  # killed or out of memory: not the run's result, so nothing is recorded and a resume redoes it
+            raise RuntimeError(f"a training worker died (exit status {worker.wait()}); its output: {log}")
+        if runs + 1 < self.RUNS_PER_WORKER:
+            self._idle.put((worker, runs + 1))
+        else:
+            worker.stdin.close()
+            worker.wait()
+        return json.loads(reply)["error"]
+
+    def close(self) -> None:
+        """End every worker: an idle one at once; one still running a run (after an error) is killed."""
+        for worker in self._all:
+            if worker.poll() is None:
+                worker.stdin.close()
+                try:
+                    worker.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    worker.kill()
+                    worker.wait()
+
+
+def serve() -> None:
+    """A worker's loop (`Workers`): read a command line, run the training script's ``main`` on it with this
+    process's output sent to the given log, reply with its error line (``null`` when it finished)."""
+    torch.set_num_threads(1)
+    spec = importlib.util.spec_from_file_location("train_dreambooth_stella", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    reply = os.fdopen(os.dup(1), "w")  # the reply channel, before fd 1 goes to each run's log
+    for line in sys.stdin:
+        job = json.loads(line)
+        error = None
+        with open(job["log"], "w") as log:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            saved = os.dup(1), os.dup(2)
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            try:
+                script.main(script.parse_args(job["argv"]))
+            except (script.TrainingError, script.EvaluationError) as err:
+                error = f"error: {err}"
+            except (Exception, SystemExit) as err:  # a failed run is a result; the worker goes on
+                traceback.print_exc()
+                error = f"{type(err).__name__}: {err}"
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os.dup2(saved[0], 1)
+                os.dup2(saved[1], 2)
+                os.close(saved[0])
+                os.close(saved[1])
+                AcceleratorState._reset_state(reset_partial_state=True)  # the next run builds its own
+                GradientState._reset_state()
+                gc.collect()
+        reply.write(json.dumps({"error": error}) + "\n")
+        reply.flush()
+
+
+def train_and_score(run: Run, args: argparse.Namespace, workers: Workers) -> dict[str, Any] | None:
+    """Fine-tune and evaluate one run in a worker; reuse a finished, unchanged one.
 
     A run the script stops (diverged, non-finite) is recorded as failed, with the script's error line. With
     ``--report_only`` a run not finished yet is not started: ``None``.
@@ -146,18 +247,16 @@ def train_and_score(run: Run, args: argparse.Namespace) -> dict[str, Any] | None
     argv = run_argv(run, args, out)
     report, spec = out / "eval" / "report.json", out / "run.json"
     saved = json.loads(spec.read_text()) if spec.is_file() else {}
-    if saved.get("argv") != argv[1:] or not (report.is_file() or "error" in saved):
+    if saved.get("argv") != argv or not (report.is_file() or "error" in saved):
         if args.report_only:
             return None
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
         start = time.perf_counter()
-        proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True)
-        saved = {"argv": argv[1:], "wall_seconds": round(time.perf_counter() - start, 1)}
-        if proc.returncode != 0:
-            lines = [line for line in proc.stderr.splitlines() if line.strip()]
-            saved["error"] = lines[-1] if lines else f"exit status {proc.returncode}"
+        error = workers.run(argv[1:], out / "train.log")
+        saved = {"argv": argv, "wall_seconds": round(time.perf_counter() - start, 1)}
+        if error is not None:
+            saved["error"] = error
         write_text_atomic(spec, json.dumps(saved, indent=1) + "\n")
     record = {**asdict(run), "wall_seconds": saved["wall_seconds"]}
     if "error" in saved:
@@ -385,13 +484,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     parser.add_argument("--ablations", nargs="*", choices=list(ABLATIONS), default=list(ABLATIONS))
     parser.add_argument("--ablation_setting", choices=list(SETTINGS), default="paper")
-    parser.add_argument("--learning_rates", nargs="+", type=float, default=[1e-3, 2e-3, 4e-3])
+    parser.add_argument("--learning_rates", nargs="+", type=float, default=[2e-3, 4e-3, 8e-3],
+                        help="the sweep's grid (the default is centred on the rates a complete run with a "
+                             "1e-3 … 4e-3 grid chose: 1e-3 … 1.6e-2)")
     parser.add_argument("--max_grid_extensions", type=int, default=2,
                         help="when an arm's best rate is the grid's largest (smallest), also try twice (half) it, "
                              "up to this many times")
     parser.add_argument("--sweep_seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="the final comparison's")
-    parser.add_argument("--ablation_seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--ablation_seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--max_train_steps", type=int, default=400)
     parser.add_argument("--num_eval_images", type=int, default=256)
     parser.add_argument("--num_inference_steps", type=int, default=10)
@@ -415,11 +516,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     chosen: dict[tuple[str, str], float] = {}
     sweep = []
     pending: list[Run] = []
-    with ThreadPoolExecutor(args.jobs) as pool:
+    workers = Workers()
+    with ThreadPoolExecutor(args.jobs) as pool, contextlib.closing(workers):
         def run_all(runs: list[Run]) -> dict[Run, dict[str, Any]] | None:
             """Train what is missing; ``None`` when some run is still pending (``--report_only``)."""
             missing = [run for run in dict.fromkeys(runs) if run not in done]
-            for run, record in zip(missing, pool.map(lambda run: train_and_score(run, args), missing), strict=True):
+            records = pool.map(lambda run: train_and_score(run, args, workers), missing)
+            for run, record in zip(missing, records, strict=True):
                 if record is None:
                     pending.append(run)
                 else:
@@ -477,4 +580,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    serve() if sys.argv[1:] == ["--serve"] else main()

@@ -106,7 +106,7 @@ def _finish(quality: ModuleType, run, args, fid: float) -> None:
     out = Path(args.work_dir, "runs", run.name)
     (out / "eval").mkdir(parents=True)
     argv = quality.run_argv(run, args, out)
-    (out / "run.json").write_text(json.dumps({"argv": argv[1:], "wall_seconds": 2.0}))
+    (out / "run.json").write_text(json.dumps({"argv": argv, "wall_seconds": 2.0}))
     report = {"runs": [{"fid": fid, "accuracy": {"all": 0.5, "shape": 0.6}, "drift": 0.1}]}
     (out / "eval" / "report.json").write_text(json.dumps(report))
 
@@ -153,3 +153,22 @@ def test_quick_protocol_runs_end_to_end_and_resumes(tmp_path: Path) -> None:
     again = quality.main(["--quick", *paths, "--report_only"])
     assert not again["pending"]
     assert [r["fid"] for r in again["runs"]] == [r["fid"] for r in result["runs"]]
+
+
+def test_workers_record_the_scripts_error_line_and_stop_on_a_dead_worker(tmp_path: Path) -> None:
+    """A run the script refuses is a result (its `error:` line, the worker goes on); a killed worker is not: the
+    benchmark stops without recording the run, so a resume redoes it."""
+    quality = _quality()
+    workers = quality.Workers()
+    try:
+        argv = ["--config", str(quality.CONFIG), "--instance_data_dir", str(tmp_path / "missing"), "--output_dir",
+                str(tmp_path / "out")]
+        first = workers.run(argv, tmp_path / "first.log")
+        assert first.startswith("error: ") and "missing" in first
+        assert workers.run(argv, tmp_path / "second.log") == first  # the same worker, still serving
+        assert len(workers._all) == 1
+        workers._all[0].kill()
+        with pytest.raises(RuntimeError, match="worker died"):
+            workers.run(argv, tmp_path / "third.log")
+    finally:
+        workers.close()
