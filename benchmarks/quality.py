@@ -21,7 +21,7 @@ Protocol, per recipe:
 2. Final: each arm at its rate on every task and every seed of ``--seeds`` (sweep runs at that rate are reused).
    The seed fixes the data order, noise and timesteps, so runs with the same seed are paired across arms.
 3. Ablations (recipe ``--ablation_setting``): StelLA's variants at StelLA's rate, every task, ``--ablation_seeds``.
-Recipes run in the order given, each finished before the next starts.
+Recipes run in the order given, each finished before the next starts; within one, the arms run side by side.
 Statistics: mean ± 95 % t-interval per arm; StelLA minus each other arm, paired by seed, with its 95 % interval,
 a paired t-test and the exact sign-flip permutation test (whose smallest two-sided p with 5 pairs is 1/16).
 
@@ -529,32 +529,42 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     done[run] = record
             return None if any(run not in done for run in runs) else {run: done[run] for run in runs}
 
-        for setting in args.settings:  # in order: the first recipe is finished (sweep, final, ablations) first
-            for arm in args.arms:
-                rates, swept = list(args.learning_rates), run_all(sweep_runs(setting, arm, args.learning_rates, args))
-                while swept is not None:
-                    chosen[setting, arm], scores = choose_rate(list(swept.values()))
-                    extra = next_rate(chosen[setting, arm], scores, args.max_grid_extensions,
-                                      len(rates) - len(args.learning_rates))
-                    if extra is None:
-                        break
-                    rates.append(extra)
-                    swept = run_all(sweep_runs(setting, arm, rates, args))
-                if swept is None:
-                    chosen.pop((setting, arm), None)
-                    continue
-                sweep.append({"setting": setting, "arm": arm, "chosen": chosen[setting, arm],
-                              "scores": {str(lr): score for lr, score in sorted(scores.items())}})
-            finals = [Run(setting, task, arm, chosen[setting, arm], seed)
-                      for arm in args.arms if (setting, arm) in chosen for task in args.tasks for seed in args.seeds]
-            if setting == args.ablation_setting and (setting, "stella") in chosen:
-                chosen.update({(setting, ablation): chosen[setting, "stella"] for ablation in args.ablations})
-                finals += [Run(setting, task, ablation, chosen[setting, "stella"], seed)
+        def run_arm(setting: str, arm: str) -> None:
+            """An arm's sweep (grown at its edge), then its final runs; StelLA's ablations follow its sweep."""
+            rates, swept = list(args.learning_rates), run_all(sweep_runs(setting, arm, args.learning_rates, args))
+            while swept is not None:
+                chosen[setting, arm], scores = choose_rate(list(swept.values()))
+                extra = next_rate(chosen[setting, arm], scores, args.max_grid_extensions,
+                                  len(rates) - len(args.learning_rates))
+                if extra is None:
+                    break
+                rates.append(extra)
+                swept = run_all(sweep_runs(setting, arm, rates, args))
+            if swept is None:
+                chosen.pop((setting, arm), None)
+                return
+            sweep.append({"setting": setting, "arm": arm, "chosen": chosen[setting, arm],
+                          "scores": {str(lr): score for lr, score in sorted(scores.items())}})
+            rate = chosen[setting, arm]
+            finals = [Run(setting, task, arm, rate, seed) for task in args.tasks for seed in args.seeds]
+            if arm == "stella" and setting == args.ablation_setting:
+                chosen.update({(setting, ablation): rate for ablation in args.ablations})
+                finals += [Run(setting, task, ablation, rate, seed)
                            for ablation in args.ablations for seed in args.ablation_seeds for task in args.tasks]
             run_all(finals)
+
+        # the arms of a recipe run side by side (one arm's next sweep step waits for its runs, the others' runs
+        # keep the jobs busy); the recipes in order, the first finished before the next starts
+        for setting in args.settings:
+            with ThreadPoolExecutor(len(args.arms)) as arms:
+                for future in [arms.submit(run_arm, setting, arm) for arm in args.arms]:
+                    future.result()
     wall = time.perf_counter() - start
     bases = {task: score_base(task, args) for task in args.tasks}
-    records = list(done.values())
+    arm_order = [*args.arms, *args.ablations]
+    records = sorted(done.values(), key=lambda r: (args.settings.index(r["setting"]), args.tasks.index(r["task"]),
+                                                   arm_order.index(r["arm"]), r["learning_rate"], r["seed"]))
+    sweep.sort(key=lambda entry: (args.settings.index(entry["setting"]), arm_order.index(entry["arm"])))
     rows, comparisons = summarise(records, chosen, args)
     result = {
         "settings": {k: getattr(args, k) for k in ("settings", "tasks", "arms", "ablations", "ablation_setting",
@@ -566,7 +576,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "base": bases, "sweep": sweep, "summary": rows, "comparisons": comparisons,
         "timing": {"runs": len(records), "run_hours": sum(r["wall_seconds"] for r in records) / 3600,
                    "jobs": args.jobs, "wall_hours": wall / 3600},
-        "pending": [run.name for run in pending],
+        "pending": sorted(run.name for run in pending),
         "runs": records,
     }
     write_text_atomic(output / "quality.json", json.dumps(result, indent=1) + "\n")
