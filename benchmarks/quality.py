@@ -572,7 +572,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "ablation_seeds", "max_train_steps", "num_eval_images",
                                                    "num_inference_steps")},
         "recipes": {name: {"description": SETTINGS[name][0], "flags": SETTINGS[name][1]} for name in args.settings},
-        "arms": {name: ARM_FLAGS[name] for name in [*args.arms, *args.ablations]},
+        "arms": {name: ARM_FLAGS[name] for name in arm_order},
         "base": bases, "sweep": sweep, "summary": rows, "comparisons": comparisons,
         "timing": {"runs": len(records), "run_hours": sum(r["wall_seconds"] for r in records) / 3600,
                    "jobs": args.jobs, "wall_hours": wall / 3600},
