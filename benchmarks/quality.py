@@ -469,6 +469,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
             colours = ["tab:red" if r["arm"] == "stella" else "tab:orange" if r["arm"] in ABLATIONS else "tab:blue"
                        for r in rows_with]
             ax.bar(range(len(rows_with)), means, yerr=errors, capsize=3, color=colours)
+            # Both metrics are non-negative; a 2-seed interval can be wider than every mean, so it is cut at 2x the
+            # largest mean rather than squashing the bars.
+            ax.set_ylim(0, 2 * max(means, default=0.0) or 1.0)
             ax.set_xticks(range(len(rows_with)), [r["arm"] for r in rows_with], rotation=60, ha="right", fontsize=7)
             ax.set_title(f"{setting} / {task}: {'FID ↓' if metric == 'fid' else 'drift ↓'}", fontsize=9)
     fig.tight_layout()
