@@ -604,8 +604,11 @@ def main(args: argparse.Namespace) -> None:
                 outputs.plot_training_curves(history.records, Path(args.output_dir, outputs.PLOT_NAME))
 
     # The final export: a plain LoRA file a stock pipeline loads, the resumable adapter, images and the card.
-    accelerator.wait_for_everyone()
     model_setup.check_identical_across_processes(accelerator, trained_params)
+    # A barrier, not the digest's gather, is the last collective: while it waits, gloo's worker threads free the
+    # gather's tensors (which needs the GIL). Otherwise a process that ends at once can deadlock tearing down the
+    # process group (seen with torch 2.6: ~ProcessGroupGloo joins a thread that waits for the GIL).
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         # with --use_ema the exports and the adapter file hold the EMA weights (the checkpoints keep the trained ones)
         with ema.applied() if ema is not None else contextlib.nullcontext():
