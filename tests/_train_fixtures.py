@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
 from functools import cache
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 from stella_diffusion.shapes.domain import CONCEPT_TOKEN, write_image_folder
 from stella_diffusion.training.checkpoints import HISTORY_NAME
@@ -55,3 +60,17 @@ def run(argv: list[str]) -> list[dict]:
 def history(output_dir: Path) -> list[dict]:
     """The per-step records a run wrote."""
     return json.loads((Path(output_dir) / HISTORY_NAME).read_text())
+
+
+def run_launcher(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> subprocess.CompletedProcess:
+    """Run a multi-process launcher (torchrun, accelerate launch) in its own session; a run that hangs fails the
+    test with its log, and is killed with all its workers so none is left behind."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"{Path(cmd[0]).name} {' '.join(cmd[1:4])} ... hung for {timeout:g} s:\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)

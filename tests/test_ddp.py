@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,6 +13,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from stella_diffusion import StellaConfig, StellaLayer, create_stella_optimizer
+
+from ._train_fixtures import run_launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +31,7 @@ def test_two_cpu_ranks_keep_identical_factors(tmp_path):
         "--use_cpu", "--max_steps", "20", "--output_dir", str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    proc = run_launcher(cmd, env, ROOT, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

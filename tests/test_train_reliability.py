@@ -46,7 +46,17 @@ from stella_diffusion.training.config import TrainingError
 from stella_diffusion.training.model_setup import check_identical_across_processes
 from stella_diffusion.training.records import captioned_records, folder_images
 
-from ._train_fixtures import REPO, SCRIPT, captioned_folder, dreambooth_folder, history, run, tiny_args, train_script
+from ._train_fixtures import (
+    REPO,
+    SCRIPT,
+    captioned_folder,
+    dreambooth_folder,
+    history,
+    run,
+    run_launcher,
+    tiny_args,
+    train_script,
+)
 
 KILLER = Path(__file__).resolve().parent / "_kill_during_save.py"
 
@@ -520,17 +530,9 @@ def test_two_processes_through_the_script_train_one_model_and_export_it_once(sd_
            *tiny_args(sd_pipeline, style_dir, out, "--max_train_steps", "2")]
     # no user accelerate config; CPU ranks talk over gloo (README: `accelerate launch --cpu` starts one process)
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    # its own session: a hung run is killed with its workers (none left behind on CI) and its log is shown
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO,
-                          start_new_session=True) as proc:
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            stdout, stderr = proc.communicate()
-            pytest.fail(f"the two-process run hung for 300 s:\n{stderr[-4000:]}")
-    assert proc.returncode == 0, stderr[-4000:]
-    log = stdout + stderr
+    proc = run_launcher(cmd, env, REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stdout + proc.stderr
     assert log.count("Num processes: 2") == 2  # accelerator.state, logged by each rank
     assert "Process index: 0" in log and "Process index: 1" in log
     assert re.search(r"Trained adapter identical on all 2 processes \(sha256 [0-9a-f]{16}\)", log)
